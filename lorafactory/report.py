@@ -1,0 +1,89 @@
+"""`python -m lorafactory.report runs/<sweep> --out reports/<name>`: leaderboards, plots and one HTML page from the
+run records under a folder. It reads `result.json` files only and never trains; `--status` counts a sweep's progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from lorafactory.errors import UserError
+from lorafactory.results.aggregate import METRICS, Leaderboard, Runs, SweepStatus, aggregate, load_runs, sweep_status
+from lorafactory.results.plots import make_plots
+from lorafactory.results.record import RECORD_NAME
+from lorafactory.results.render import csv_text, html_page, latex, markdown, status_text, text_summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m lorafactory.report",
+        description="Aggregate the run records (result.json) under a folder into leaderboards (Markdown, CSV,\n"
+        "LaTeX), plots and one self-contained index.html. Each variant is scored at its best learning rate\n"
+        "per task (mean ± std over seeds), in the direction each task declares. Nothing is trained.",
+        epilog="examples:\n  python -m lorafactory.report runs/glue --out reports/glue\n"
+        "  python -m lorafactory.report runs/glue --metric best\n  python -m lorafactory.report runs/glue --status",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("runs", type=Path, help="a sweep folder (runs/<name>) or any folder above run folders")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where to write the report (default: reports/<name of the runs folder>)"
+    )
+    parser.add_argument(
+        "--metric",
+        choices=list(METRICS),
+        default="final",
+        help="score runs by the metric at the end of training (final, the default) or at their best evaluation (best)",
+    )
+    parser.add_argument(
+        "--status",
+        action="store_true",
+        help="only print how many runs are done, failed, running or interrupted, and missing, then exit",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    out = args.out or Path("reports") / args.runs.resolve().name
+    try:
+        if not args.runs.is_dir():
+            raise UserError(f"no such folder: {args.runs}")
+        if args.status:
+            print(status_text(sweep_status(args.runs), args.runs))
+            return 0
+        runs = load_runs(args.runs)
+        if runs.records.empty:
+            raise UserError(f"no readable {RECORD_NAME} under {args.runs}; --status shows runs still in progress")
+        board = aggregate(runs, args.metric)
+        written = write_report(board, runs, sweep_status(args.runs), out)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(text_summary(board, runs))
+    print(f"wrote {len(written)} files to {out}: {', '.join(p.name for p in written)}")
+    return 0
+
+
+def write_report(board: Leaderboard, runs: Runs, status: SweepStatus, out: Path) -> list[Path]:
+    """Write the tables, the plots and index.html into `out`; return the files written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        plots = make_plots(board, out)
+        pages = {
+            "leaderboard.md": markdown(board),
+            "leaderboard.csv": csv_text(board),
+            "leaderboard.tex": latex(board),
+            "index.html": html_page(board, runs, status, plots, title=f"Leaderboard: {runs.root.resolve().name}"),
+        }
+        for name, text in pages.items():
+            (out / name).write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"cannot write the report to {out}: {err}") from err
+    return [out / name for name in pages] + [plot.path for plot in plots]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

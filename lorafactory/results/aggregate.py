@@ -1,0 +1,385 @@
+"""From run records to a leaderboard: load every `result.json` under a folder, pick each variant's best learning rate
+per task, rank the variants, and count what a sweep has done so far.
+
+A variant's score on a task is the mean over seeds at its best learning rate, where "best" follows the direction the
+task declared in its records (never a hand-kept list). Ties go to the smaller learning rate, and equal means share a
+rank. Failed and diverged runs are kept apart: they are listed, never averaged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from lorafactory.results.record import RECORD_NAME, RunRecord, read_record
+
+log = logging.getLogger(__name__)
+
+AXES = ("rank", "optimization", "initialization", "moe")
+"""Taxonomy axes in display order; any other axis comes after these."""
+METRICS = {"final": "final_metric", "best": "best_metric"}
+"""`--metric` choices and the record field each one reads."""
+RECORD_COLUMNS = (
+    "status",
+    "name",
+    "model",
+    "task",
+    "variant",
+    "taxonomy",
+    "baseline",
+    "seed",
+    "lr",
+    "lr_scale",
+    "primary_metric",
+    "direction",
+    "final_metric",
+    "best_metric",
+    "adapter_params",
+    "trainable_params",
+    "total_params",
+    "step_time_s",
+    "throughput",
+    "peak_memory_mb",
+    "wall_time_s",
+    "data_note",
+    "error",
+    "run_dir",
+    "path",
+)
+COST_COLUMNS = ("adapter_params", "trainable_params", "step_time_s", "peak_memory_mb")
+_CELL_KEYS = ["model", "task", "variant"]
+
+
+# --- loading ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Runs:
+    """Every readable record under a folder, one row per run, and the record files that could not be read."""
+
+    root: Path
+    records: pd.DataFrame
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> pd.DataFrame:
+        return self.records[self.records["status"] == "ok"]
+
+    @property
+    def problems(self) -> pd.DataFrame:
+        """Failed and diverged runs."""
+        return self.records[self.records["status"] != "ok"]
+
+
+def load_runs(root: str | os.PathLike) -> Runs:
+    """Read every `result.json` below `root`. A corrupt or invalid record is skipped with a warning naming the file."""
+    root = Path(root)
+    rows, skipped = [], []
+    for path in sorted(root.rglob(RECORD_NAME)):
+        try:
+            rows.append(_record_row(read_record(path), path.parent))
+        except (OSError, ValueError, TypeError) as err:
+            log.warning("skipping unreadable record %s: %s", path, err)
+            skipped.append((path, str(err)))
+    return Runs(root, pd.DataFrame(rows, columns=list(RECORD_COLUMNS)), skipped)
+
+
+def _record_row(record: RunRecord, folder: Path) -> dict[str, Any]:
+    row = {name: getattr(record, name) for name in RECORD_COLUMNS if hasattr(record, name)}
+    row["baseline"] = "baseline" in record.tags
+    row["lr_scale"] = (record.config.get("optim") or {}).get("lr_scale")
+    row["path"] = str(folder)
+    return row
+
+
+# --- aggregation -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Leaderboard:
+    """The aggregated study. All frames are long-form and numeric; renderers decide how they look.
+
+    - `per_lr`: one row per (model, task, variant, lr): mean, std and n of the metric over ok seeds.
+    - `cells`: one row per (model, task, variant) at the variant's best lr, with `rank` (1 = best) and `best`.
+    - `variants`: one row per (model, variant) in display order: taxonomy, baseline, avg_rank, n_tasks, costs.
+    - `tasks`: one row per (model, task): primary_metric, direction, data_note.
+    """
+
+    metric: str
+    per_lr: pd.DataFrame
+    cells: pd.DataFrame
+    variants: pd.DataFrame
+    tasks: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+    def models(self) -> list[str]:
+        return sorted(self.variants["model"].unique())
+
+    def task_rows(self, model: str) -> pd.DataFrame:
+        return self.tasks[self.tasks["model"] == model]
+
+    def variant_rows(self, model: str) -> pd.DataFrame:
+        return self.variants[self.variants["model"] == model]
+
+    def cell(self, model: str, task: str, variant: str) -> pd.Series | None:
+        found = self.cells[
+            (self.cells["model"] == model) & (self.cells["task"] == task) & (self.cells["variant"] == variant)
+        ]
+        return None if found.empty else found.iloc[0]
+
+    def tidy(self) -> pd.DataFrame:
+        """One row per (model, task, variant) with everything numeric: what `leaderboard.csv` holds."""
+        order = self.variants.reset_index(drop=True).reset_index(names="_order")
+        table = (
+            self.cells.drop(columns=["score"])
+            .merge(order, on=["model", "variant"])
+            .merge(self.tasks[["model", "task", "data_note"]], on=["model", "task"])
+            .sort_values(["model", "task", "_order"])
+            .rename(columns={"taxonomy": "axis"})
+            .assign(metric=self.metric)
+        )
+        columns = [
+            "model",
+            "task",
+            "primary_metric",
+            "direction",
+            "metric",
+            "axis",
+            "variant",
+            "baseline",
+            "mean",
+            "std",
+            "n",
+            "lr",
+            "lr_scale",
+            "rank",
+            "best",
+            "avg_rank",
+            "n_tasks",
+            *COST_COLUMNS,
+            "data_note",
+        ]
+        return table[columns].reset_index(drop=True)
+
+
+def aggregate(runs: Runs, metric: str = "final") -> Leaderboard:
+    """Best-lr mean ± std per (model, task, variant), ranks, average ranks and costs from the ok runs."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+    ok = runs.ok.dropna(subset=[METRICS[metric]])
+    tasks = task_info(ok)
+    per_lr = per_lr_stats(ok, METRICS[metric], tasks)
+    cells = rank_cells(best_lr(per_lr))
+    notes = _declaration_notes(ok, tasks) + _mixed_config_notes(ok)
+    return Leaderboard(metric, per_lr, cells, variant_summary(ok, cells), tasks, notes)
+
+
+def task_info(ok: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, task): the primary metric, its direction and any data note, as the records declare them.
+
+    Records that disagree (e.g. written before a task changed its metric) are resolved by majority."""
+    rows = []
+    for (model, task), group in ok.groupby(["model", "task"], sort=True):
+        primary_metric, direction = group[["primary_metric", "direction"]].value_counts().index[0]
+        data_notes = group["data_note"].dropna().unique()
+        rows.append(
+            {
+                "model": model,
+                "task": task,
+                "primary_metric": primary_metric,
+                "direction": direction,
+                "data_note": "; ".join(data_notes) if len(data_notes) else None,
+            }
+        )
+    return pd.DataFrame(rows, columns=["model", "task", "primary_metric", "direction", "data_note"])
+
+
+def per_lr_stats(ok: pd.DataFrame, column: str, tasks: pd.DataFrame) -> pd.DataFrame:
+    """Mean, sample std and n of `column` over seeds, per (model, task, variant, lr), with the task's direction."""
+    stats = (
+        ok.groupby([*_CELL_KEYS, "lr"], sort=True)
+        .agg(mean=(column, "mean"), std=(column, "std"), n=(column, "count"), lr_scale=("lr_scale", "first"))
+        .reset_index()
+    )
+    stats = stats.merge(tasks[["model", "task", "primary_metric", "direction"]], on=["model", "task"])
+    # One signed score lets max- and min-tasks share the same "higher is better" code below.
+    stats["score"] = stats["mean"].where(stats["direction"] == "max", -stats["mean"])
+    return stats
+
+
+def best_lr(per_lr: pd.DataFrame) -> pd.DataFrame:
+    """Each (model, task, variant) at the lr with the best mean; ties go to the smaller lr."""
+    by_lr = per_lr.sort_values([*_CELL_KEYS, "lr"])
+    return by_lr.loc[by_lr.groupby(_CELL_KEYS)["score"].idxmax()].reset_index(drop=True)
+
+
+def rank_cells(cells: pd.DataFrame) -> pd.DataFrame:
+    """Rank variants within each (model, task): 1 is best; equal scores share the better rank."""
+    cells = cells.copy()
+    cells["rank"] = cells.groupby(["model", "task"])["score"].rank(method="min", ascending=False).astype("Int64")
+    cells["best"] = cells["rank"] == 1
+    return cells
+
+
+def variant_summary(ok: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, variant), in display order: taxonomy, baseline flag, average rank over tasks and median costs."""
+    costs = ok.groupby(["model", "variant"]).agg(
+        taxonomy=("taxonomy", "first"),
+        baseline=("baseline", "any"),
+        **{name: (name, "median") for name in COST_COLUMNS},
+    )
+    ranks = cells.groupby(["model", "variant"])["rank"].agg(avg_rank="mean", n_tasks="count")
+    table = costs.join(ranks, how="inner").reset_index()
+    table["avg_rank"] = table["avg_rank"].astype(float)
+    table["_axis"] = table["taxonomy"].map(axis_position)
+    table = table.sort_values(
+        ["model", "_axis", "taxonomy", "baseline", "avg_rank", "variant"],
+        ascending=[True, True, True, False, True, True],
+    )
+    return table.drop(columns="_axis").reset_index(drop=True)
+
+
+def axis_position(axis: str) -> int:
+    """Where a taxonomy axis goes in tables: the known axes in their order, then any other."""
+    return AXES.index(axis) if axis in AXES else len(AXES)
+
+
+def _declaration_notes(ok: pd.DataFrame, tasks: pd.DataFrame) -> list[str]:
+    declared = ok.groupby(["model", "task"])[["primary_metric", "direction"]].nunique().max(axis=1)
+    return [
+        f"{row.model} {row.task}: records disagree on the metric or its direction; using the majority, "
+        f"{row.primary_metric} ({row.direction})."
+        for row in tasks.itertuples()
+        if declared[(row.model, row.task)] > 1
+    ]
+
+
+def _mixed_config_notes(ok: pd.DataFrame) -> list[str]:
+    """Runs that share a variant, task, lr and seed come from other overrides or other sweeps under the same folder,
+    yet are averaged together as if they were seeds."""
+    counts = ok.groupby([*_CELL_KEYS, "lr", "seed"]).size().reset_index(name="runs")
+    return [
+        f"{row.model} {row.task} {row.variant} lr {row.lr:g}: {row.runs} runs share seed {row.seed} (other overrides "
+        "or another sweep under this folder) and are averaged together."
+        for row in counts[counts["runs"] > 1].itertuples()
+    ]
+
+
+# --- sweep progress --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepStatus:
+    """Run folders by state, and what a sweep asked for but has no folder yet."""
+
+    done: list[Path] = field(default_factory=list)
+    failed: list[Path] = field(default_factory=list)
+    diverged: list[Path] = field(default_factory=list)
+    running: list[Path] = field(default_factory=list)
+    """A folder with a checkpoint or Hydra files but no record: still running, or killed."""
+    unreadable: list[Path] = field(default_factory=list)
+    expected: int | None = None
+    """Runs the sweeps' `multirun.yaml` asked for; None when there is no multirun.yaml to say."""
+    missing: list[list[str]] = field(default_factory=list)
+    """The overrides of each expected run with no folder, when folders can be matched to overrides."""
+    missing_count: int | None = None
+
+
+def sweep_status(root: str | os.PathLike) -> SweepStatus:
+    """Count run folders below `root` by state, and the runs its sweeps asked for that have no folder at all."""
+    root = Path(root)
+    status = SweepStatus()
+    records: dict[Path, RunRecord] = {}
+    for folder in sorted(run_folders(root)):
+        if not (folder / RECORD_NAME).exists():
+            status.running.append(folder)
+            continue
+        try:
+            records[folder] = record = read_record(folder)
+        except (OSError, ValueError, TypeError):
+            status.unreadable.append(folder)
+            continue
+        {"ok": status.done, "failed": status.failed, "diverged": status.diverged}[record.status].append(folder)
+    for multirun in sorted(root.rglob("multirun.yaml")):
+        _count_missing(status, multirun, records)
+    return status
+
+
+def run_folders(root: Path) -> set[Path]:
+    """Folders holding a record, a checkpoint folder or Hydra's `.hydra/`: every run that has started."""
+    found = {p.parent for p in root.rglob(RECORD_NAME)}
+    found |= {p.parent for name in (".hydra", "checkpoints") for p in root.rglob(name) if p.is_dir()}
+    return found
+
+
+def expected_runs(multirun: Path) -> list[list[str]] | None:
+    """The overrides of every job a Hydra sweep asked for, as its basic sweeper expands them; None if unknowable."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = OmegaConf.load(multirun)
+    params, task = OmegaConf.select(cfg, "hydra.sweeper.params"), OmegaConf.select(cfg, "hydra.overrides.task")
+    # Like Hydra's basic sweeper: sweeper params first, command-line overrides replace those with the same key.
+    arguments = [f"{key}={value}" for key, value in (params or {}).items()] + [str(o) for o in task or []]
+    choices: dict[str, list[str]] = {}
+    for override in OverridesParser.create().parse_overrides(arguments):
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            choices[key] = [f"{key}={override.get_value_element_as_str()}"]
+        elif override.is_discrete_sweep():
+            choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:  # an interval, for an optimizing sweeper: the runs are not known in advance
+            return None
+    return [list(job) for job in itertools.product(*choices.values())]
+
+
+def _count_missing(status: SweepStatus, multirun: Path, records: dict[Path, RunRecord]) -> None:
+    try:
+        jobs = expected_runs(multirun)
+    except Exception as err:  # a hand-edited or foreign multirun.yaml should not stop the count of the rest
+        log.warning("cannot read the sweep in %s: %s", multirun, err)
+        return
+    if jobs is None:
+        return
+    status.expected = (status.expected or 0) + len(jobs)
+    folders = list(run_folders(multirun.parent))
+    found = [_override_set(_folder_overrides(f, records.get(f))) for f in folders]
+    if any(overrides is None for overrides in found):
+        # Some folder cannot be matched to its overrides: fall back to counting.
+        missing = max(0, len(jobs) - len(folders))
+    else:
+        absent = [job for job in jobs if _override_set(job) not in found]
+        status.missing += absent
+        missing = len(absent)
+    status.missing_count = (status.missing_count or 0) + missing
+
+
+def _override_set(overrides: list[str] | None) -> frozenset[str] | None:
+    """Overrides in Hydra's canonical spelling (`optim.lr=1e-4` and `optim.lr=0.0001` are the same run), or None."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if overrides is None:
+        return None
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return None
+    return frozenset(f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in parsed)
+
+
+def _folder_overrides(folder: Path, record: RunRecord | None) -> list[str] | None:
+    """The overrides a run folder was launched with: Hydra's copy (rewritten by each relaunch) or the record's."""
+    hydra_copy = folder / ".hydra" / "overrides.yaml"
+    if hydra_copy.is_file():
+        try:
+            return [str(o).strip() for o in OmegaConf.load(hydra_copy)]
+        except Exception as err:  # a broken copy should not stop the count; the record may still say
+            log.warning("cannot read %s: %s", hydra_copy, err)
+    return None if record is None else [o.strip() for o in record.overrides]

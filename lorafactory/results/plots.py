@@ -1,0 +1,138 @@
+"""Figures of a leaderboard, as PNG files: learning-rate sensitivity (the study's central figure) and metric vs cost.
+
+Every variant keeps one colour across figures, and every taxonomy axis one marker, so figures read side by side.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display, and no GUI toolkit to import
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+from lorafactory.results.aggregate import AXES, Leaderboard, axis_position  # noqa: E402
+
+AXIS_MARKERS = dict(zip(AXES, ("o", "s", "^", "D"), strict=True))
+ARROWS = {"max": "↑", "min": "↓"}
+
+
+@dataclass(frozen=True)
+class Plot:
+    kind: str
+    """`lr` (metric vs learning rate) or `params` (metric vs adapter parameters)."""
+    model: str
+    task: str
+    title: str
+    path: Path
+
+
+def make_plots(board: Leaderboard, out_dir: str | os.PathLike) -> list[Plot]:
+    """Both figures for every (model, task) of the leaderboard, written into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colours = variant_colours(board)
+    plots = []
+    for task in board.tasks.itertuples():
+        plots.append(lr_sensitivity(board, task.model, task.task, out_dir, colours))
+        plots.append(metric_vs_params(board, task.model, task.task, out_dir))
+    return plots
+
+
+def variant_colours(board: Leaderboard) -> dict[str, tuple[float, ...]]:
+    names = list(dict.fromkeys(board.variants["variant"]))
+    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    return {name: palette(i % palette.N) for i, name in enumerate(names)}
+
+
+def lr_sensitivity(
+    board: Leaderboard, model: str, task: str, out_dir: Path, colours: dict[str, tuple[float, ...]]
+) -> Plot:
+    """Metric against learning rate (log scale), one line per variant with std-over-seeds error bars; the chosen lr
+    is circled."""
+    per_lr = board.per_lr[(board.per_lr["model"] == model) & (board.per_lr["task"] == task)]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant in board.variant_rows(model).itertuples():
+        points = per_lr[per_lr["variant"] == variant.variant].sort_values("lr")
+        if points.empty:
+            continue
+        colour = colours[variant.variant]
+        ax.errorbar(
+            points["lr"],
+            points["mean"],
+            yerr=points["std"].fillna(0.0),
+            color=colour,
+            capsize=3,
+            label=_label(variant.variant, variant.baseline),
+            marker=AXIS_MARKERS.get(variant.taxonomy, "X"),
+            linestyle="--" if variant.baseline else "-",
+        )
+        chosen = board.cell(model, task, variant.variant)
+        ax.scatter([chosen["lr"]], [chosen["mean"]], s=160, facecolors="none", edgecolors=[colour])
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(_metric_label(board, model, task))
+    title = f"{task} ({model}): learning-rate sensitivity"
+    return _save(fig, ax, title, Plot("lr", model, task, title, out_dir / _file_name("lr", model, task)))
+
+
+def metric_vs_params(board: Leaderboard, model: str, task: str, out_dir: Path) -> Plot:
+    """Metric at each variant's best lr against its adapter parameters (log scale), marker and colour by axis."""
+    cells = board.cells[(board.cells["model"] == model) & (board.cells["task"] == task)]
+    points = cells.merge(board.variant_rows(model)[["variant", "taxonomy", "adapter_params"]], on="variant")
+    points = points[points["adapter_params"] > 0].sort_values("taxonomy", key=lambda axes: axes.map(axis_position))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    axis_colours = plt.get_cmap("tab10")
+    for axis, group in points.groupby("taxonomy", sort=False):
+        ax.errorbar(
+            group["adapter_params"],
+            group["mean"],
+            yerr=group["std"].fillna(0.0),
+            linestyle="none",
+            marker=AXIS_MARKERS.get(axis, "X"),
+            markersize=8,
+            capsize=3,
+            label=axis or "unclassified",
+            color=axis_colours(axis_position(axis)),
+        )
+        for point in group.itertuples():
+            ax.annotate(
+                point.variant,
+                (point.adapter_params, point.mean),
+                textcoords="offset points",
+                xytext=(6, 4),
+                fontsize=8,
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("adapter parameters")
+    ax.set_ylabel(_metric_label(board, model, task))
+    title = f"{task} ({model}): metric at the best lr vs parameters"
+    return _save(fig, ax, title, Plot("params", model, task, title, out_dir / _file_name("params", model, task)))
+
+
+def _save(fig: plt.Figure, ax: plt.Axes, title: str, plot: Plot) -> Plot:
+    ax.set_title(title, fontsize=11)
+    ax.grid(True, which="major", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
+    fig.savefig(plot.path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return plot
+
+
+def _label(variant: str, baseline: bool) -> str:
+    return f"{variant} (baseline)" if baseline else variant
+
+
+def _metric_label(board: Leaderboard, model: str, task: str) -> str:
+    info = board.task_rows(model).set_index("task").loc[task]
+    return f"{board.metric} {info['primary_metric']} {ARROWS[info['direction']]}"
+
+
+def _file_name(kind: str, model: str, task: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{kind}-{model}-{task}") + ".png"

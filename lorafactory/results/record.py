@@ -1,0 +1,122 @@
+"""The run record: one self-describing `result.json` per run folder, written atomically at the end of the run.
+
+Records are append-only facts about a run. The aggregator reads nothing else, so everything a leaderboard needs is
+here: identity (model, task, variant, taxonomy, seed, lr), the task's primary metric and its direction, final and best
+validation metrics, cost (parameters, step time, throughput, memory, wall time) and provenance (config, versions, git).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+RECORD_NAME = "result.json"
+STATUSES = ("ok", "failed", "diverged")
+
+
+@dataclass
+class RunRecord:
+    status: str
+    """`ok`, `failed` (raised; see `error`) or `diverged` (loss became NaN/inf)."""
+    model: str
+    task: str
+    variant: str
+    seed: int
+    lr: float
+    name: str = "default"
+    """The experiment/sweep name: the first folder under `runs/`."""
+    taxonomy: str = ""
+    tags: list[str] = field(default_factory=list)
+    mergeable: bool | None = None
+    primary_metric: str = ""
+    direction: str = "max"
+    """`max` or `min`: how the primary metric ranks, as the task declares it."""
+    final: dict[str, float] = field(default_factory=dict)
+    """Validation metrics at the end of training."""
+    best: dict[str, float] = field(default_factory=dict)
+    """Validation metrics at the evaluation where the primary metric was best."""
+    final_metric: float | None = None
+    best_metric: float | None = None
+    best_step: int | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    """Every evaluation: {"step": ..., <metric>: ...}."""
+    trainable_params: int | None = None
+    """All trainable parameters, task head included."""
+    adapter_params: int | None = None
+    """Trainable parameters the variant added (the variant's formula)."""
+    total_params: int | None = None
+    steps: int | None = None
+    train_samples: int | None = None
+    eval_samples: int | None = None
+    step_time_s: float | None = None
+    """Median wall time of one training step (forward, backward, optimizer)."""
+    throughput: float | None = None
+    """Training examples per second over the whole training loop."""
+    peak_memory_mb: float | None = None
+    memory_kind: str | None = None
+    """`rss` (peak resident memory of the process during training, CPU) or `cuda` (peak allocated)."""
+    wall_time_s: float | None = None
+    data_note: str | None = None
+    """Set when the splits differ from the published ones (e.g. carved from validation): not comparable to papers."""
+    error: str | None = None
+    run_dir: str = ""
+    overrides: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    git_commit: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunRecord:
+        """Build a record from JSON, ignoring unknown keys (written by a newer version) and validating the rest."""
+        known = {f.name for f in fields(cls)}
+        record = cls(**{k: v for k, v in data.items() if k in known})
+        if record.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {record.status!r}")
+        if record.direction not in ("max", "min"):
+            raise ValueError(f"direction must be 'max' or 'min', got {record.direction!r}")
+        return record
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that readers see the old file or the new one, never a partial one (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=str, allow_nan=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_record(run_dir: str | os.PathLike, record: RunRecord) -> Path:
+    path = Path(run_dir) / RECORD_NAME
+    write_json_atomic(path, record.to_dict())
+    return path
+
+
+def read_record(path: str | os.PathLike) -> RunRecord:
+    """Read `result.json` (or the one in a run folder). Raises ValueError/OSError on a missing or corrupt record."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RECORD_NAME
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return RunRecord.from_dict(data)

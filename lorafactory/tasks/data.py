@@ -1,0 +1,182 @@
+"""Loading, tokenising and batching task data.
+
+Raw data comes from `datasets.load_dataset(<hub id>, <subset>)`, or from a folder of the same name under the data
+directory (`LORAFACTORY_DATA_DIR` / `paths.data_dir`) in the Hub's layout. Tokenised splits are cached on disk, keyed
+by the task, split, tokenizer and max length, so a second run of the same task and model does not tokenise again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lorafactory.errors import DataMissingError, hub_reachable
+from lorafactory.tasks import Task
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1  # bump when the tokenised format changes
+SUBSET_SEED = 0  # the capped train set and the carved splits are the same for every run seed
+
+
+def resolve_data_dir(configured: str | os.PathLike | None) -> Path | None:
+    value = configured or os.environ.get("LORAFACTORY_DATA_DIR")
+    return Path(value).expanduser() if value else None
+
+
+def load_split(task: Task, split: str, data_dir: Path | None) -> Any:
+    """One split of the task's raw dataset, from the local mirror when it has it, otherwise from the Hub."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    local = data_dir / task.hub_id if data_dir else None
+    source = str(local) if local is not None and local.is_dir() else task.hub_id
+    try:
+        if source == task.hub_id and not hub_reachable():
+            raise ConnectionError("huggingface.co is unreachable")  # fail now rather than after the Hub's retries
+        if source == task.hub_id:
+            return datasets.load_dataset(source, task.subset, split=split)
+        # datasets' own cache may serve a stale conversion of edited local files; our tokenisation cache sits in
+        # front of this call anyway, so converting afresh costs little and is always right.
+        return datasets.load_dataset(source, task.subset, split=split, download_mode="force_redownload")
+    except Exception as err:  # datasets raises many types for "not there": connection, file, value errors
+        if source != task.hub_id:
+            where = f"the mirror folder {source} could not be read"
+        elif data_dir is not None:
+            where = f"{data_dir} has no folder '{task.hub_id}'"
+        else:
+            where = "LORAFACTORY_DATA_DIR is not set"
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise DataMissingError(
+            f"dataset {task.hub_id} ({task.subset}, split '{split}') is not available: {where}, and the Hugging Face "
+            f"Hub failed ({reason}). Point LORAFACTORY_DATA_DIR (or paths.data_dir) at a mirror in the Hub layout, "
+            f"e.g. ../shared/data, or run with network access."
+        ) from None
+
+
+def _source_stamp(task: Task, data_dir: Path | None) -> list[Any]:
+    """Sizes and modification times of the local mirror's files for the task, so an edited mirror is re-tokenised;
+    the Hub id alone for remote data."""
+    folder = data_dir / task.hub_id if data_dir else None
+    if folder is None or not folder.is_dir():
+        return [task.hub_id]
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and (task.subset or "") in str(p.relative_to(folder)))
+    return [[str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def _cache_key(task: Task, split: str, tokenizer: Any, max_length: int, data_dir: Path | None) -> str:
+    spec = {
+        "source": _source_stamp(task, data_dir),
+        "v": CACHE_VERSION,
+        "task": task.name,
+        "hub_id": task.hub_id,
+        "subset": task.subset,
+        "split": split,
+        "fields": getattr(task, "text_fields", None),
+        "tokenizer": [type(tokenizer).__name__, str(tokenizer.name_or_path), len(tokenizer)],
+        "max_length": max_length,
+    }
+    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tokenized_split(task: Task, split: str, tokenizer: Any, max_length: int, cache_dir: Path, data_dir: Path | None):
+    """The whole split tokenised (columns input_ids, attention_mask[, token_type_ids], labels), cached on disk."""
+    import datasets
+
+    key = _cache_key(task, split, tokenizer, max_length, data_dir)
+    path = cache_dir / "tokenized" / task.name.replace("/", "__") / f"{split}-{key}"
+    if path.is_dir():
+        log.info("Tokenised %s/%s from cache %s", task.name, split, path)
+        return datasets.load_from_disk(str(path))
+    raw = load_split(task, split, data_dir)
+    columns = raw[:]  # dict of python lists; tokenizing all at once runs in the Rust tokenizer
+    encoded = dict(tokenizer(*task.example_inputs(columns), truncation=True, max_length=max_length))
+    labels = columns["label"]
+    encoded["labels"] = [float(v) for v in labels] if task.num_labels == 1 else [int(v) for v in labels]
+    dataset = datasets.Dataset.from_dict(encoded)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    dataset.save_to_disk(str(tmp))
+    try:
+        os.replace(tmp, path)  # atomic: a concurrent run either sees no cache or a complete one
+    except OSError:  # another process won the race; its copy is identical
+        pass
+    log.info("Tokenised %s/%s (%d examples), cached at %s", task.name, split, len(dataset), path)
+    return datasets.load_from_disk(str(path))
+
+
+@dataclass
+class Rows(torch.utils.data.Dataset):
+    """Tokenised examples held as python lists: indexing is a list lookup, not an Arrow read."""
+
+    columns: dict[str, list[Any]]
+
+    def __len__(self) -> int:
+        return len(self.columns["labels"])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {k: v[i] for k, v in self.columns.items()}
+
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.columns["input_ids"]]
+
+
+def select_rows(dataset: Any, indices: list[int] | None, limit: int | None) -> Rows:
+    if indices is not None:
+        dataset = dataset.select(indices)
+    if limit is not None and limit < len(dataset):
+        dataset = dataset.shuffle(seed=SUBSET_SEED).select(range(limit))
+    return Rows(dataset[:])
+
+
+def task_splits(
+    task: Task,
+    tokenizer: Any,
+    max_length: int,
+    cache_dir: Path,
+    data_dir: Path | None,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+) -> tuple[Rows, Rows]:
+    """(train, eval) rows, capped; a task without a train split carves both from its eval split."""
+    if not task.carved:
+        train = tokenized_split(task, task.train_split, tokenizer, max_length, cache_dir, data_dir)
+        evaluation = tokenized_split(task, task.eval_split, tokenizer, max_length, cache_dir, data_dir)
+        return select_rows(train, None, max_train_samples), select_rows(evaluation, None, max_eval_samples)
+    pool = tokenized_split(task, task.eval_split, tokenizer, max_length, cache_dir, data_dir)
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(SUBSET_SEED)).tolist()
+    cut = int(task.carve_fraction * len(pool))
+    return (
+        select_rows(pool, order[:cut], max_train_samples),
+        select_rows(pool, order[cut:], max_eval_samples),
+    )
+
+
+class PadCollator:
+    """Pads a list of examples to the longest in the batch (rounded up to a multiple of 8)."""
+
+    def __init__(self, pad_id: int, regression: bool, multiple: int = 8):
+        self.pad_id = pad_id
+        self.label_dtype = torch.float32 if regression else torch.long
+        self.multiple = multiple
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Tensor]:
+        longest = max(len(r["input_ids"]) for r in rows)
+        width = -(-longest // self.multiple) * self.multiple
+        batch: dict[str, Tensor] = {}
+        for key in rows[0]:
+            if key == "labels":
+                continue
+            fill = self.pad_id if key == "input_ids" else 0
+            out = torch.full((len(rows), width), fill, dtype=torch.long)
+            for i, r in enumerate(rows):
+                out[i, : len(r[key])] = torch.tensor(r[key], dtype=torch.long)
+            batch[key] = out
+        batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=self.label_dtype)
+        return batch

@@ -1,0 +1,226 @@
+"""The recipe: build model, adapt it with the variant, train, evaluate, record. Read it top to bottom."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import time
+import traceback
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from lorafactory.errors import Diverged, UserError
+from lorafactory.models import MODELS, unfreeze
+from lorafactory.results.record import RECORD_NAME, RunRecord, read_record, write_record
+from lorafactory.tasks import TASKS
+from lorafactory.tasks.data import resolve_data_dir
+from lorafactory.training.callbacks import RunStats, VariantHooks
+from lorafactory.training.data import TaskData
+from lorafactory.training.module import AdapterModule
+from lorafactory.training.optim import build_optimizer
+from lorafactory.variants.base import VARIANTS, adapter_parameters, adapter_state_dict, build_variant, count_trainable
+
+log = logging.getLogger("lorafactory")
+
+
+def run(cfg: DictConfig, run_dir: str | os.PathLike, overrides: list[str] | None = None) -> RunRecord:
+    """Train and evaluate one configuration into `run_dir`, and write its `result.json`.
+
+    A folder that already holds an `ok` record is not trained again; one with a checkpoint resumes from it; a failed
+    or diverged record is kept aside (`result.<status>-<n>.json`) and the run starts over."""
+    run_dir = Path(run_dir)
+    previous = _previous_record(run_dir)
+    if previous is not None and previous.status == "ok":
+        log.info("Already done, skipping: %s", run_dir)
+        return previous
+    started, t0 = datetime.now(UTC), time.perf_counter()
+    base = _identity(cfg, run_dir, overrides or [])
+    try:
+        record = _train(cfg, run_dir, base)
+    except Diverged as err:
+        record = RunRecord(**base, status="diverged", error=str(err))
+    except Exception as err:  # recorded, so a sweep goes on; the CLI decides what the user sees
+        detail = str(err) if isinstance(err, UserError) else "".join(traceback.format_exception_only(err)).strip()
+        record = RunRecord(**base, status="failed", error=detail)
+        record.started_at, record.wall_time_s = started.isoformat(), time.perf_counter() - t0
+        write_record(run_dir, record)
+        raise
+    record.started_at, record.finished_at = started.isoformat(), datetime.now(UTC).isoformat()
+    record.wall_time_s = time.perf_counter() - t0
+    write_record(run_dir, record)
+    return record
+
+
+def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any]) -> RunRecord:
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+
+    # What to train: task, model and variant, each checked before anything heavy happens.
+    task = TASKS.get(cfg.task.name)
+    entry = MODELS.get(cfg.model.builder)
+    if entry.modality != task.modality:
+        raise UserError(
+            f"model {cfg.model.name} takes {entry.modality} input; task {task.name} is a {task.modality} task"
+        )
+    variant = build_variant(cfg.variant)
+    loaded = entry.build(cfg.model, task.num_labels)
+    model = loaded.module
+    total_params = sum(p.numel() for p in model.parameters())
+    variant.adapt(model, head=loaded.head)
+    unfreeze(model, loaded.head)
+
+    data = TaskData(
+        task, loaded.tokenizer, cfg.task, Path(cfg.paths.cache_dir), resolve_data_dir(cfg.paths.data_dir), cfg.seed
+    )
+    module = AdapterModule(
+        model,
+        task,
+        make_optimizer=partial(build_optimizer, cfg.optim, variant, model),
+        make_scheduler=instantiate(cfg.scheduler),
+        aux_loss=variant.aux_loss,
+    )
+
+    stats = RunStats()
+    ckpt_dir = run_dir / "checkpoints"
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=cfg.trainer.ckpt_every_n_steps
+    )
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        precision=cfg.trainer.precision,
+        max_epochs=cfg.task.epochs,
+        max_steps=cfg.task.max_steps or -1,
+        val_check_interval=1.0 / cfg.trainer.evals_per_epoch,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        enable_progress_bar=cfg.trainer.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        logger=instantiate(cfg.logger) if cfg.logger else False,
+        default_root_dir=run_dir,
+        callbacks=[VariantHooks(variant, data.init_batches), stats, checkpoint],
+    )
+    resume = ckpt_dir / "last.ckpt"
+    if resume.is_file():
+        log.info("Resuming from %s", resume)
+    trainer.fit(module, data.train_loader(), data.eval_loader(), ckpt_path=resume if resume.is_file() else None)
+    if not module.history or module.history[-1]["step"] != trainer.global_step:
+        trainer.validate(module, data.eval_loader(), verbose=False)
+
+    # Record: final and best validation metrics by the task's declared primary metric and direction.
+    history = module.history
+    key = task.primary_metric
+    pick = max if task.direction == "max" else min
+    best = pick(history, key=lambda h: h[key])
+    final = history[-1]
+    if cfg.save_adapter:
+        torch.save(adapter_state_dict(model), run_dir / "adapter.pt")
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return RunRecord(
+        **base,
+        status="ok",
+        final={k: v for k, v in final.items() if k != "step"},
+        best={k: v for k, v in best.items() if k != "step"},
+        final_metric=final[key],
+        best_metric=best[key],
+        best_step=int(best["step"]),
+        history=history,
+        trainable_params=count_trainable(model.parameters()),
+        adapter_params=count_trainable(adapter_parameters(model)),
+        total_params=total_params + sum(p.numel() for p in adapter_parameters(model)),
+        steps=trainer.global_step,
+        train_samples=len(data.train),
+        eval_samples=len(data.eval),
+        **stats.summary(),
+    )
+
+
+def _identity(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """Everything a record says about a run before it trains (so failed runs are described too)."""
+    variant_cls = VARIANTS.get(cfg.variant.name) if cfg.variant.name in VARIANTS else None
+    task = TASKS.get(cfg.task.name) if cfg.task.name in TASKS else None
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+        lr = float(cfg.optim.lr)
+    except Exception:  # an unresolvable config is itself the failure to record
+        config, lr = OmegaConf.to_container(cfg, resolve=False), float("nan")
+    return {
+        "name": cfg.name,
+        "model": cfg.model.name,
+        "task": cfg.task.name,
+        "variant": cfg.variant.name,
+        "seed": int(cfg.seed),
+        "lr": lr,
+        "taxonomy": getattr(variant_cls, "taxonomy", ""),
+        "tags": list(getattr(variant_cls, "tags", ())),
+        "mergeable": getattr(variant_cls, "mergeable", None),
+        "primary_metric": task.primary_metric if task else "",
+        "direction": task.direction if task else "max",
+        "data_note": task.split_note if task else None,
+        "run_dir": str(run_dir),
+        "overrides": list(overrides),
+        "config": config,
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+    }
+
+
+def _previous_record(run_dir: Path) -> RunRecord | None:
+    path = run_dir / RECORD_NAME
+    if not path.exists():
+        return None
+    try:
+        record = read_record(path)
+    except (OSError, ValueError, TypeError) as err:
+        log.warning("Unreadable record %s (%s); running again", path, err)
+        record = None
+    if record is None or record.status != "ok":
+        n = len(list(run_dir.glob("result.*-*.json"))) + 1
+        status = record.status if record else "corrupt"
+        path.rename(run_dir / f"result.{status}-{n}.json")
+    return record
+
+
+def _versions() -> dict[str, str]:
+    import lightning
+    import transformers
+
+    import lorafactory
+
+    return {
+        "lorafactory": lorafactory.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lightning": lightning.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

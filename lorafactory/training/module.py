@@ -1,0 +1,83 @@
+"""The LightningModule: forward, task loss, evaluation with the task's metrics. It knows nothing of variants; the
+optimizer and the auxiliary loss come in as functions, and the other hooks run from `VariantHooks`."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from lorafactory.errors import Diverged
+from lorafactory.tasks import Task
+from lorafactory.training.optim import SchedulerFactory
+from lorafactory.variants.base import adapter_state_dict
+
+
+class AdapterModule(L.LightningModule):
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        make_optimizer: Callable[[], torch.optim.Optimizer],
+        make_scheduler: SchedulerFactory,
+        aux_loss: Callable[[nn.Module], Tensor | None],
+    ):
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.make_optimizer = make_optimizer
+        self.make_scheduler = make_scheduler
+        self.aux_loss = aux_loss
+        # Checkpoints hold the adapter state only (see on_save_checkpoint), not the frozen model.
+        self.strict_loading = False
+        self.history: list[dict[str, float]] = []
+        self._outputs: list[Tensor] = []
+        self._labels: list[Tensor] = []
+        self._losses: list[Tensor] = []
+        # Batches carry what the tokenizer made (token_type_ids, ...); pass only what this model's forward takes.
+        self._inputs = set(inspect.signature(model.forward).parameters)
+
+    def forward(self, batch: dict[str, Tensor]) -> Any:
+        return self.model(**{k: v for k, v in batch.items() if k in self._inputs})
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self(batch).loss
+        aux = self.aux_loss(self.model)
+        if aux is not None:
+            loss = loss + aux
+        if not torch.isfinite(loss):
+            raise Diverged(f"training loss became {loss.item()} at step {self.global_step}")
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["labels"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        out = self(batch)
+        self._outputs.append(out.logits.detach().float())
+        self._labels.append(batch["labels"])
+        self._losses.append(out.loss.detach() * len(batch["labels"]))
+
+    def on_validation_epoch_end(self) -> None:
+        labels = torch.cat(self._labels)
+        metrics = self.task.compute_metrics(torch.cat(self._outputs), labels)
+        metrics["loss"] = float(torch.stack(self._losses).sum() / len(labels))
+        self._outputs.clear(), self._labels.clear(), self._losses.clear()
+        if self.trainer.sanity_checking:
+            return
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=False)
+        self.history.append({"step": self.global_step, **metrics})
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.make_optimizer()
+        scheduler = self.make_scheduler(optimizer, int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {f"model.{k}": v for k, v in adapter_state_dict(self.model).items()}
+        checkpoint["lf_history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.history = list(checkpoint.get("lf_history", []))

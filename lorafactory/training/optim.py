@@ -1,0 +1,57 @@
+"""Optimizer and learning-rate schedule construction, with the variant's say in both."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from lorafactory.errors import check
+from lorafactory.variants.base import Variant
+
+
+def build_optimizer(optim_cfg: Any, variant: Variant, model: nn.Module) -> torch.optim.Optimizer:
+    """The variant's parameter groups (or one group of every trainable parameter) under the configured optimizer,
+    unless the variant brings its own optimizer."""
+    lr = float(optim_cfg.lr)
+    check(lr > 0, f"optim.lr must be > 0, got {lr}")
+    check(optim_cfg.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim_cfg.weight_decay}")
+    groups = variant.param_groups(model, lr)
+    if groups is None:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+    optimizer = variant.build_optimizer(groups, optim_cfg)
+    if optimizer is not None:
+        return optimizer
+    factory = instantiate(optim_cfg.optimizer)
+    return factory(groups, lr=lr, weight_decay=optim_cfg.weight_decay)
+
+
+def warmup_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, kind: str = "linear", warmup_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup_ratio` of the steps, then `linear` decay to 0, `cosine` decay to 0, or `constant`.
+
+    Scales every parameter group's own learning rate, so per-group ratios (LoRA+) hold throughout."""
+    check(kind in ("linear", "cosine", "constant"), f"scheduler.kind must be linear, cosine or constant, got {kind}")
+    check(0.0 <= warmup_ratio < 1.0, f"scheduler.warmup_ratio must be in [0, 1), got {warmup_ratio}")
+    warmup = int(warmup_ratio * total_steps)
+    decay_steps = max(1, total_steps - warmup)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / decay_steps)
+        if kind == "linear":
+            return 1.0 - progress
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+SchedulerFactory = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]

@@ -1,0 +1,139 @@
+"""Median training-step time of our adapters vs the frozen model's forward+backward and vs PEFT, in one process.
+
+    python scripts/bench_step.py                               # MiniLM, 32 × 64 tokens, lora+dora, attn+all-linear
+    python scripts/bench_step.py --model tiny-bert --steps 10    # quick check
+
+"Frozen" is the cost no adapter can avoid: the same model with every weight frozen but the task head, and the
+gradient carried back through every layer to the embeddings (as PEFT's `enable_input_require_grads` does). A step is
+forward, backward, AdamW step and zero_grad. The configurations are timed round-robin, one step each in turn, so
+drifts in machine load hit them all alike; the table shows the median of `--steps` steps per configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from lorafactory.models import build_model, unfreeze
+from lorafactory.variants import build_variant
+from lorafactory.variants.base import find_targets, freeze
+
+MODEL_CONFIGS = {
+    "minilm-l6": {"name": "minilm-l6", "builder": "minilm-l6"},
+    "tiny-bert": {
+        "name": "tiny-bert",
+        "builder": "tiny-bert",
+        "hidden_size": 32,
+        "num_layers": 2,
+        "num_heads": 2,
+        "intermediate_size": 64,
+        "init_seed": 0,
+    },
+}
+
+
+def frozen(model: nn.Module, head: tuple[str, ...]) -> nn.Module:
+    freeze(model)
+    unfreeze(model, head)
+    model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    return model
+
+
+def ours(model: nn.Module, head: tuple[str, ...], variant: str, targets: str, r: int) -> nn.Module:
+    build_variant({"name": variant, "r": r, "alpha": 2 * r, "targets": targets}).adapt(model, head=head)
+    unfreeze(model, head)
+    return model
+
+
+def peft(model: nn.Module, head: tuple[str, ...], variant: str, targets: str, r: int) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    names = find_targets(model, targets, head)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=names,
+        use_dora=variant == "dora",
+        modules_to_save=list(head),
+        init_lora_weights=True,
+    )
+    return get_peft_model(model, config)
+
+
+def make_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+
+    def step() -> None:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm-l6", choices=sorted(MODEL_CONFIGS))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--variants", default="lora,dora")
+    parser.add_argument("--targets", default="attn,all-linear")
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-peft", action="store_true")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    loaded = build_model(OmegaConf.create(MODEL_CONFIGS[args.model]), num_labels=2)
+    base, head = loaded.module, loaded.head
+    vocab = base.get_input_embeddings().num_embeddings
+    batch = {
+        "input_ids": torch.randint(1000, min(vocab, 20000), (args.batch, args.seq)),
+        "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long),
+        "labels": torch.randint(0, 2, (args.batch,)),
+    }
+
+    steps: dict[str, Callable[[], None]] = {"frozen": make_step(frozen(copy.deepcopy(base), head), batch)}
+    for targets in args.targets.split(","):
+        for variant in args.variants.split(","):
+            key = f"{variant}/{targets}"
+            steps[f"ours {key}"] = make_step(ours(copy.deepcopy(base), head, variant, targets, args.r), batch)
+            if not args.no_peft:
+                steps[f"peft {key}"] = make_step(peft(copy.deepcopy(base), head, variant, targets, args.r), batch)
+
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(args.warmup + args.steps):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    print(
+        f"{args.model}, batch {args.batch} × {args.seq} tokens, r={args.r}, {torch.get_num_threads()} threads, "
+        f"median of {args.steps} steps"
+    )
+    print(f"{'configuration':<26} {'ms/step':>9} {'× frozen':>9} {'× PEFT':>8}")
+    for name, t in median.items():
+        peer = name.replace("ours", "peft")
+        vs_peft = f"{t / median[peer]:.2f}" if name.startswith("ours") and peer in median else ""
+        print(f"{name:<26} {1000 * t:9.1f} {t / median['frozen']:9.2f} {vs_peft:>8}")
+
+
+if __name__ == "__main__":
+    main()

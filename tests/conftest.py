@@ -1,0 +1,120 @@
+"""Shared fixtures: tiny random models built from the project's own model configs, and batches for them."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+# Never reach for the network from tests, and keep the suite's caches out of the user's home.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="hf-datasets-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
+
+from lorafactory.config import CONF_DIR  # noqa: E402
+from lorafactory.models import LoadedModel, build_model  # noqa: E402
+
+TINY_MODELS = ("tiny-bert", "tiny-llama", "tiny-vit")
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def data_dir() -> Path | None:
+    """The offline dataset mirror, if this machine has one (CI and dev machines do)."""
+    configured = os.environ.get("LORAFACTORY_DATA_DIR")
+    if configured and Path(configured).is_dir():
+        return Path(configured)
+    return SHARED_DATA if SHARED_DATA.is_dir() else None
+
+
+def tiny(name: str, num_labels: int = 3) -> LoadedModel:
+    return build_model(OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml"), num_labels)
+
+
+def batch_for(loaded: LoadedModel, batch_size: int = 3, seq: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    num_labels = loaded.module.config.num_labels
+    labels = torch.randint(0, num_labels, (batch_size,), generator=g)
+    if loaded.modality == "vision":
+        cfg = loaded.module.config
+        pixels = torch.randn(batch_size, cfg.num_channels, cfg.image_size, cfg.image_size, generator=g)
+        return {"pixel_values": pixels, "labels": labels}
+    vocab = loaded.module.config.vocab_size
+    ids = torch.randint(1000, vocab, (batch_size, seq), generator=g)
+    mask = torch.ones(batch_size, seq, dtype=torch.long)
+    mask[0, seq - 3 :] = 0  # one padded example, so masking is exercised
+    ids[0, seq - 3 :] = loaded.tokenizer.pad_token_id
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.fixture(params=TINY_MODELS)
+def tiny_name(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.getbasetemp() / "lorafactory-cache"
+
+
+GLUE_README = """---
+configs:
+- config_name: sst2
+  data_files:
+  - split: train
+    path: sst2/train-00000-of-00001.parquet
+  - split: validation
+    path: sst2/validation-00000-of-00001.parquet
+- config_name: stsb
+  data_files:
+  - split: train
+    path: stsb/train-00000-of-00001.parquet
+  - split: validation
+    path: stsb/validation-00000-of-00001.parquet
+- config_name: qnli
+  data_files:
+  - split: validation
+    path: qnli/validation-00000-of-00001.parquet
+---
+"""
+
+
+@pytest.fixture(scope="session")
+def fake_mirror(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny dataset mirror in the Hub layout (as ../shared/data is), so data tests need no real data."""
+    import pandas as pd
+
+    root = tmp_path_factory.mktemp("mirror")
+    glue = root / "nyu-mll" / "glue"
+    words = ["good", "bad", "fine", "awful", "great", "dull", "fun", "slow"]
+
+    def sentences(n: int, k: int) -> list[str]:
+        # distinct examples (the number), of varied length (the words)
+        return [f"{i} " + " ".join(words[(i * 3 + j + k) % len(words)] for j in range(2 + i % 5)) for i in range(n)]
+
+    frames = {
+        ("sst2", "train"): pd.DataFrame({"sentence": sentences(64, 0), "label": [i % 2 for i in range(64)]}),
+        ("sst2", "validation"): pd.DataFrame({"sentence": sentences(24, 1), "label": [i % 2 for i in range(24)]}),
+        ("stsb", "train"): pd.DataFrame(
+            {"sentence1": sentences(40, 0), "sentence2": sentences(40, 2), "label": [i % 6 * 1.0 for i in range(40)]}
+        ),
+        ("stsb", "validation"): pd.DataFrame(
+            {"sentence1": sentences(20, 1), "sentence2": sentences(20, 3), "label": [i % 6 * 1.0 for i in range(20)]}
+        ),
+        ("qnli", "validation"): pd.DataFrame(
+            {"question": sentences(50, 0), "sentence": sentences(50, 4), "label": [i % 2 for i in range(50)]}
+        ),
+    }
+    for (subset, split), frame in frames.items():
+        frame["idx"] = range(len(frame))
+        (glue / subset).mkdir(parents=True, exist_ok=True)
+        frame.to_parquet(glue / subset / f"{split}-00000-of-00001.parquet")
+    (glue / "README.md").write_text(GLUE_README)
+    return root

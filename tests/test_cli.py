@@ -1,0 +1,103 @@
+"""The command line as a user runs it, in a subprocess: one run end to end on a tiny model and a slice of data,
+and every user mistake printed as one line with a non-zero exit and no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RUN = ["model=tiny-bert", "task.max_train_samples=48", "task.max_eval_samples=24", "trainer.progress_bar=false"]
+
+
+def lorafactory(*args: str, cwd: Path, env: dict[str, str] | None = None, module: str = "lorafactory"):
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, fake_mirror: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder to run in, with the fake mirror as data and a shared tokenisation cache."""
+    monkeypatch.setenv("LORAFACTORY_DATA_DIR", str(fake_mirror))
+    monkeypatch.setenv("LORAFACTORY_CACHE", str(cache_dir))
+    return tmp_path
+
+
+def test_one_run_trains_evaluates_and_records(workdir):
+    result = lorafactory(*TINY_RUN, "variant=dora", "task=glue/sst2", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    [record_path] = (workdir / "runs" / "default" / "tiny-bert" / "glue" / "sst2" / "dora").glob("*/result.json")
+    record = json.loads(record_path.read_text())
+    assert record["status"] == "ok"
+    assert (record["variant"], record["task"], record["model"]) == ("dora", "glue/sst2", "tiny-bert")
+    assert record["primary_metric"] == "accuracy" and record["direction"] == "max"
+    assert 0.0 <= record["final_metric"] <= 1.0 and record["final"]["accuracy"] == record["final_metric"]
+    assert record["steps"] == 2 and record["train_samples"] == 48 and record["eval_samples"] == 24
+    assert record["adapter_params"] > 0 and record["trainable_params"] > record["adapter_params"]
+    assert record["step_time_s"] > 0 and record["peak_memory_mb"] > 0 and record["wall_time_s"] > 0
+    assert record["versions"]["torch"] and record["config"]["variant"]["name"] == "dora"
+    assert (record_path.parent / "adapter.pt").is_file()
+    assert not (record_path.parent / "checkpoints").exists()  # removed once the run is recorded
+    assert "accuracy" in result.stdout and "result.json" in result.stdout
+
+    again = lorafactory(*TINY_RUN, "variant=dora", "task=glue/sst2", cwd=workdir)
+    assert again.returncode == 0
+    assert "Already done" in again.stdout + again.stderr
+    assert json.loads(record_path.read_text()) == record  # untouched
+
+
+def test_carved_task_is_marked_in_its_record(workdir):
+    result = lorafactory(*TINY_RUN, "task=glue/qnli", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    [record_path] = (workdir / "runs").rglob("result.json")
+    assert "not comparable" in json.loads(record_path.read_text())["data_note"]
+
+
+def test_variant_zoo_lists_every_registered_variant(workdir):
+    from lorafactory.variants import VARIANTS
+
+    result = lorafactory(cwd=workdir, module="lorafactory.variants")
+    assert result.returncode == 0, result.stderr
+    for name in VARIANTS.names():
+        cls = VARIANTS.get(name)
+        assert name in result.stdout and cls.params_formula in result.stdout and cls.paper in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["variant=doraa"], "unknown variant 'doraa'. Did you mean 'dora'? Valid: dora, lora"),
+        (["task=glue/sst3"], "unknown task 'glue/sst3'"),
+        (["model=bert-tiny"], "unknown model 'bert-tiny'"),
+        (["-m", "variant=lora,doraa"], "unknown variant 'doraa'"),
+        (["variant.rr=16"], "unknown config key 'variant.rr'"),
+        (["variant.r=0"], "variant.r must be >= 1, got 0"),
+        (["variant.alpha=-2"], "variant.alpha must be > 0, got -2"),
+        (["optim.lr=-1e-3"], "optim.lr must be > 0, got -0.001"),
+        (["variant.targets=[nothing_like_this]"], "variant.targets=['nothing_like_this'] matched no nn.Linear"),
+        (["model=tiny-vit"], "model tiny-vit takes vision input; task glue/sst2 is a text task"),
+    ],
+)
+def test_user_mistakes_print_one_line(workdir, args, expected):
+    result = lorafactory(*TINY_RUN, *args, cwd=workdir)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr
+
+
+def test_missing_data_says_which_dataset_where_it_looked_and_how_to_get_it(workdir, tmp_path):
+    empty = tmp_path / "no-data-here"
+    empty.mkdir()
+    result = lorafactory(*TINY_RUN, "task=glue/rte", cwd=workdir, env={"LORAFACTORY_DATA_DIR": str(empty)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "nyu-mll/glue" in line and "rte" in line and str(empty) in line
+    assert "LORAFACTORY_DATA_DIR" in line and "network" in line

@@ -1,0 +1,112 @@
+"""Configs: every option of every group composes and resolves; registries and YAML agree; run folders are
+deterministic; impossible values fail with messages that name the override."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict, read_write
+
+from lorafactory.config import CONF_DIR, GROUPS, group_options, run_id
+from lorafactory.errors import ConfigError
+from lorafactory.models import MODELS
+from lorafactory.variants import VARIANTS, build_variant
+from lorafactory.variants.base import find_targets
+
+# Options that cannot compose on their own say what they need.
+NEEDS = {("model", "hub"): ["model.id=FacebookAI/roberta-base"]}
+
+
+def compose_with(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    # What Hydra fills in when it really runs a job, so ${hydra:...} interpolations resolve as they do then.
+    HydraConfig.instance().set_config(cfg)
+    with read_write(cfg.hydra), open_dict(cfg.hydra):
+        cfg.hydra.runtime.output_dir = cfg.hydra.run.dir
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+ALL_OPTIONS = [(g, o) for g in GROUPS for o in group_options(g)]
+
+
+@pytest.mark.parametrize(("group", "option"), ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
+def test_every_option_composes_and_resolves(group, option):
+    cfg = compose_with([f"{group}={option}", *NEEDS.get((group, option), [])])
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["hydra"]["run"]["dir"].startswith("runs/")
+    if group in ("optim", "scheduler"):
+        assert callable(instantiate(cfg[group].optimizer if group == "optim" else cfg[group]))
+    if group == "logger" and cfg.logger and option != "wandb":
+        assert instantiate(cfg.logger) is not None
+
+
+def test_every_group_has_options_and_the_defaults_exist():
+    cfg = compose_with([])
+    for group in ("model", "variant", "task", "optim", "scheduler", "trainer", "logger"):
+        assert group_options(group), group
+    assert cfg.model.name == "minilm-l6" and cfg.variant.name == "lora" and cfg.task.name == "glue/sst2"
+
+
+def test_registries_and_config_options_agree():
+    assert set(VARIANTS.names()) <= set(group_options("variant"))
+    for option in group_options("variant"):  # YAML presets must extend a registered variant
+        assert compose_with([f"variant={option}"]).variant.name in VARIANTS
+    for option in group_options("model"):
+        assert OmegaConf.load(CONF_DIR / "model" / f"{option}.yaml").builder in MODELS
+
+
+@pytest.mark.parametrize("name", VARIANTS.names())
+def test_variant_overrides_are_type_checked(name):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        compose_with([f"variant={name}", "variant.r=abc"])
+
+
+def test_learning_rate_is_task_rate_times_variant_multiplier_times_scale():
+    cfg = compose_with(["task=glue/rte", "variant=loraplus", "optim.lr_scale=4"])
+    assert cfg.optim.lr == pytest.approx(cfg.task.lr * cfg.variant.lr_mult * 4)
+    assert compose_with(["optim.lr=3e-4"]).optim.lr == pytest.approx(3e-4)
+
+
+def test_run_folder_is_deterministic_and_ignores_what_does_not_change_training():
+    assert run_id(["optim.lr=1e-4", "variant.r=16"], 0) == run_id(["variant.r=16.0", "optim.lr=0.0001"], 0)
+    assert run_id(["optim.lr=1e-4"], 0) != run_id(["optim.lr=3e-4"], 0)
+    assert run_id(["optim.lr=1e-4"], 0).endswith("-s0") and run_id(["optim.lr=1e-4"], 2).endswith("-s2")
+    # group choices are folders of the path already; launcher, logger and naming do not change the result
+    assert run_id(["variant=dora", "task=glue/cola", "logger=none", "hydra/launcher=joblib", "name=x"], 1) == (
+        "default-s1"
+    )
+    assert run_id(["task.max_train_samples=64"], 0) != "default-s0"
+    run_dir = compose_with(["variant=dora", "optim.lr=1e-3", "seed=3"]).hydra.run.dir
+    assert run_dir == f"runs/default/minilm-l6/glue/sst2/dora/{run_id(['optim.lr=1e-3'], 3)}"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"r": 0}, "variant.r must be >= 1, got 0"),
+        ({"alpha": -1.0}, "variant.alpha must be > 0, got -1.0"),
+        ({"dropout": 1.5}, "variant.dropout must be in [0, 1)"),
+        ({"targets": "everything"}, "variant.targets must be one of"),
+        ({"lr_mult": 0}, "variant.lr_mult must be > 0"),
+        ({"nope": 1}, "variant 'lora' has no option variant.nope"),
+    ],
+)
+def test_impossible_variant_values_name_the_override(values, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_variant({"name": "lora", **values})
+
+
+def test_targets_that_match_nothing_name_the_override_and_the_real_names():
+    from conftest import tiny
+
+    loaded = tiny("tiny-llama")
+    with pytest.raises(ConfigError, match=r"variant.targets=\['query'\] matched no nn.Linear.*q_proj"):
+        find_targets(loaded.module, ["query"], loaded.head)
