@@ -10,12 +10,16 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+import lorafactory.variants  # noqa: F401  (registers every variant's config in Hydra's ConfigStore)
 from lorafactory.config import CONF_DIR, check_overrides
 from lorafactory.errors import UserError
 
@@ -69,6 +73,19 @@ def hydra_main(cfg: DictConfig) -> None:
         print(f"{record.status}: {record.variant} on {record.task}: {record.error}", file=sys.stderr)
         if not multirun:
             sys.exit(1)
+
+
+class SweepSummary(Callback):
+    """At the end of a sweep, how its runs stand and the command that makes the report."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from lorafactory.results.render import status_text
+        from lorafactory.results.status import sweep_status
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if sweep_dir.is_dir():
+            print(status_text(sweep_status(sweep_dir), sweep_dir))
+            print(f"report: python -m lorafactory.report {sweep_dir}")
 
 
 def main() -> None:

@@ -123,6 +123,7 @@ def check_overrides(args: Sequence[str]) -> None:
     Sweeps are checked through their first value of each choice; anything this cannot parse is left to Hydra."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
     from hydra.errors import HydraException
 
     overrides = [a for a in args if not a.startswith("-")]
@@ -137,7 +138,15 @@ def check_overrides(args: Sequence[str]) -> None:
         key = o.key_or_group.lstrip("+~")
         if key.startswith("hydra"):
             continue
-        if o.is_sweep_override():
+        if isinstance(o.value(), Glob):  # expand glob() as Hydra will: over the group's top level only
+            options = group_options(key) if key in GROUPS else []
+            values = o.value().filter([n for n in options if "/" not in n])
+            if key in GROUPS and not values:
+                raise ConfigError(
+                    f"{o.input_line} matches no {key} (glob does not reach into subfolders); "
+                    f"list them instead: {key}={','.join(options)}"
+                )
+        elif o.is_sweep_override():
             if not o.is_choice_sweep():
                 continue
             values = [v for v in o.sweep_string_iterator()]

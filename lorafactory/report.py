@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 from lorafactory.errors import UserError
-from lorafactory.results.aggregate import METRICS, Leaderboard, Runs, SweepStatus, aggregate, load_runs, sweep_status
+from lorafactory.results.aggregate import METRICS, Leaderboard, Runs, aggregate, load_runs
 from lorafactory.results.plots import make_plots
 from lorafactory.results.record import RECORD_NAME
 from lorafactory.results.render import csv_text, html_page, latex, markdown, status_text, text_summary
+from lorafactory.results.status import SweepStatus, sweep_status
 
 
 def build_parser() -> argparse.ArgumentParser:

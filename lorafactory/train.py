@@ -113,10 +113,8 @@ def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any]) -> RunRecord:
         default_root_dir=run_dir,
         callbacks=[VariantHooks(variant, data.init_batches), stats, checkpoint],
     )
-    resume = ckpt_dir / "last.ckpt"
-    if resume.is_file():
-        log.info("Resuming from %s", resume)
-    trainer.fit(module, data.train_loader(), data.eval_loader(), ckpt_path=resume if resume.is_file() else None)
+    resume = _checkpoint(ckpt_dir / "last.ckpt")
+    trainer.fit(module, data.train_loader(), data.eval_loader(), ckpt_path=resume)
     if not module.history or module.history[-1]["step"] != trainer.global_step:
         trainer.validate(module, data.eval_loader(), verbose=False)
 
@@ -192,6 +190,20 @@ def _previous_record(run_dir: Path) -> RunRecord | None:
         status = record.status if record else "corrupt"
         path.rename(run_dir / f"result.{status}-{n}.json")
     return record
+
+
+def _checkpoint(path: Path) -> Path | None:
+    """The checkpoint to resume from, if there is a readable one (a kill while writing can leave a torn file)."""
+    if not path.is_file():
+        return None
+    try:
+        torch.load(path, map_location="cpu", weights_only=False)  # small: adapter and optimizer state only
+    except Exception as err:  # any unreadable file means the same: start over, keep the file for inspection
+        log.warning("Checkpoint %s is unreadable (%s); starting the run over", path, err)
+        path.rename(path.with_suffix(".corrupt"))
+        return None
+    log.info("Resuming from %s", path)
+    return path
 
 
 def _versions() -> dict[str, str]:

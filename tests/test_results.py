@@ -11,8 +11,9 @@ from omegaconf import OmegaConf
 
 from lorafactory.config import run_id
 from lorafactory.results import RunRecord, write_record
-from lorafactory.results.aggregate import aggregate, load_runs, sweep_status
+from lorafactory.results.aggregate import aggregate, load_runs
 from lorafactory.results.render import format_lr, format_mean, latex, markdown
+from lorafactory.results.status import sweep_status
 
 TAXONOMY = {"lora": "rank", "dora": "rank", "rslora": "optimization", "pissa": "initialization", "mole": "moe"}
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from lorafactory.results.aggregate import Leaderboard, Runs, SweepStatus
+from lorafactory.results.aggregate import Leaderboard, Runs
 from lorafactory.results.plots import ARROWS, Plot
+from lorafactory.results.status import SweepStatus
 
 COST_HEADERS = ("Avg rank", "Adapter params", "Step time", "Peak memory")
 NOT_COMPARABLE = "not comparable to published numbers"

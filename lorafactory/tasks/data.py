@@ -93,7 +93,7 @@ def tokenized_split(task: Task, split: str, tokenizer: Any, max_length: int, cac
     key = _cache_key(task, split, tokenizer, max_length, data_dir)
     path = cache_dir / "tokenized" / task.name.replace("/", "__") / f"{split}-{key}"
     if path.is_dir():
-        log.info("Tokenised %s/%s from cache %s", task.name, split, path)
+        log.debug("Tokenised %s/%s from cache %s", task.name, split, path)
         return datasets.load_from_disk(str(path))
     raw = load_split(task, split, data_dir)
     columns = raw[:]  # dict of python lists; tokenizing all at once runs in the Rust tokenizer
