@@ -80,6 +80,7 @@ def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any]) -> RunRecord:
     total_params = sum(p.numel() for p in model.parameters())
     variant.adapt(model, head=loaded.head)
     unfreeze(model, loaded.head)
+    model.train()  # from_pretrained returns eval mode; fine-tuning keeps the base model's dropout, as usual
 
     data = TaskData(
         task, loaded.tokenizer, cfg.task, Path(cfg.paths.cache_dir), resolve_data_dir(cfg.paths.data_dir), cfg.seed
