@@ -32,7 +32,6 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import socket
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from lorafactory.errors import ConfigError, UnknownNameError, UserError
+from lorafactory.errors import ConfigError, UnknownNameError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "variant", "task", "optim", "scheduler", "trainer", "logger", "sweep", "experiment")
@@ -173,16 +172,3 @@ def _one_line(err: Exception) -> str:
     if missing:
         return f"unknown config key '{missing.group(1)}' ({detail}); `--cfg job` prints every key"
     return f"{head} {detail}".strip()
-
-
-def as_float(value: Any, key: str) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be a number, got {value!r}") from None
-    if math.isnan(out):
-        raise ConfigError(f"{key} must be a number, got NaN")
-    return out
-
-
-__all__ = ["CONF_DIR", "GROUPS", "UserError", "check_overrides", "group_options", "register_resolvers", "run_id"]

@@ -110,3 +110,10 @@ def test_targets_that_match_nothing_name_the_override_and_the_real_names():
     loaded = tiny("tiny-llama")
     with pytest.raises(ConfigError, match=r"variant.targets=\['query'\] matched no nn.Linear.*q_proj"):
         find_targets(loaded.module, ["query"], loaded.head)
+
+
+def test_cluster_launcher_preset_composes_to_submitit():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    cfg = compose_with(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"])
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.launcher.tasks_per_node == 1

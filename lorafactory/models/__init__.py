@@ -147,12 +147,9 @@ def minilm_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(minilm_dir())
 
 
-@register_model("tiny-bert", "text", "BERT encoder, random init from a small config (tests)")
-def tiny_bert(cfg: Any, num_labels: int) -> LoadedModel:
-    from transformers import BertConfig, BertForSequenceClassification
-
+def _tiny_text(cfg: Any, num_labels: int, config_cls: type, model_cls: type, **extra: Any) -> LoadedModel:
     tok = minilm_tokenizer()
-    config = BertConfig(
+    config = config_cls(
         vocab_size=len(tok),
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_layers,
@@ -161,27 +158,23 @@ def tiny_bert(cfg: Any, num_labels: int) -> LoadedModel:
         max_position_embeddings=512,
         num_labels=num_labels,
         pad_token_id=tok.pad_token_id,
+        **extra,
     )
-    return _tiny(cfg, num_labels, lambda: BertForSequenceClassification(config), tok, "text")
+    return _tiny(cfg, num_labels, lambda: model_cls(config), tok, "text")
+
+
+@register_model("tiny-bert", "text", "BERT encoder, random init from a small config (tests)")
+def tiny_bert(cfg: Any, num_labels: int) -> LoadedModel:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return _tiny_text(cfg, num_labels, BertConfig, BertForSequenceClassification)
 
 
 @register_model("tiny-llama", "text", "Llama decoder, random init from a small config (tests)")
 def tiny_llama(cfg: Any, num_labels: int) -> LoadedModel:
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    tok = minilm_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads,
-        intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=512,
-        num_labels=num_labels,
-        pad_token_id=tok.pad_token_id,
-    )
-    return _tiny(cfg, num_labels, lambda: LlamaForSequenceClassification(config), tok, "text")
+    return _tiny_text(cfg, num_labels, LlamaConfig, LlamaForSequenceClassification, num_key_value_heads=cfg.num_heads)
 
 
 @register_model("tiny-vit", "vision", "ViT image classifier, random init from a small config (tests)")

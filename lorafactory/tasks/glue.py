@@ -25,7 +25,7 @@ class GlueTask(Task):
         return tuple(batch[f] for f in self.text_fields)
 
     def compute_metrics(self, outputs: Tensor, labels: Tensor) -> dict[str, float]:
-        outputs, labels = outputs.float(), labels
+        outputs = outputs.float()
         if self.num_labels == 1:
             preds, target = outputs.view(-1), labels.float().view(-1)
             found = {

@@ -64,7 +64,8 @@ class AdapterModule(L.LightningModule):
         labels = torch.cat(self._labels)
         metrics = self.task.compute_metrics(torch.cat(self._outputs), labels)
         metrics["loss"] = float(torch.stack(self._losses).sum() / len(labels))
-        self._outputs.clear(), self._labels.clear(), self._losses.clear()
+        for collected in (self._outputs, self._labels, self._losses):
+            collected.clear()
         if self.trainer.sanity_checking:
             return
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=False)
