@@ -95,6 +95,7 @@ def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any]) -> RunRecord:
 
     stats = RunStats()
     ckpt_dir = run_dir / "checkpoints"
+    resume = _checkpoint(ckpt_dir / "last.ckpt")
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=cfg.trainer.ckpt_every_n_steps
     )
@@ -112,9 +113,8 @@ def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any]) -> RunRecord:
         num_sanity_val_steps=0,
         logger=instantiate(cfg.logger) if cfg.logger else False,
         default_root_dir=run_dir,
-        callbacks=[VariantHooks(variant, data.init_batches), stats, checkpoint],
+        callbacks=[VariantHooks(variant, data.init_batches, resuming=resume is not None), stats, checkpoint],
     )
-    resume = _checkpoint(ckpt_dir / "last.ckpt")
     trainer.fit(module, data.train_loader(), data.eval_loader(), ckpt_path=resume)
     if not module.history or module.history[-1]["step"] != trainer.global_step:
         trainer.validate(module, data.eval_loader(), verbose=False)

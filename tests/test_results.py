@@ -432,3 +432,16 @@ def test_status_without_multirun_yaml_does_not_guess_missing_runs(tmp_path: Path
     status = sweep_status(tmp_path)
 
     assert (status.expected, status.missing_count, len(status.done)) == (None, None, 1)
+
+
+def test_a_best_learning_rate_at_the_edge_of_the_grid_is_flagged(tmp_path: Path) -> None:
+    for lr, value in (("1e-4", 0.70), ("3e-4", 0.80), ("1e-3", 0.90)):  # still rising at the largest lr
+        write_run(tmp_path, "lora", "glue/sst2", lr, 0, value)
+    for lr, value in (("1e-4", 0.70), ("3e-4", 0.95), ("1e-3", 0.90)):  # optimum bracketed
+        write_run(tmp_path, "dora", "glue/sst2", lr, 0, value)
+    board = aggregate(load_runs(tmp_path))
+    edge = [note for note in board.notes if "widen the grid" in note]
+    assert edge == [
+        "tiny-bert glue/sst2 lora: the best learning rate, 1e-3, is the largest tried; widen the grid to bracket its "
+        "optimum."
+    ]

@@ -175,7 +175,7 @@ def aggregate(runs: Runs, metric: str = "final") -> Leaderboard:
     tasks = task_info(ok)
     per_lr = per_lr_stats(ok, METRICS[metric], tasks)
     cells = rank_cells(best_lr(per_lr))
-    notes = _declaration_notes(ok, tasks) + _mixed_config_notes(ok)
+    notes = _declaration_notes(ok, tasks) + _mixed_config_notes(ok) + _grid_edge_notes(per_lr, cells)
     return Leaderboard(metric, per_lr, cells, variant_summary(ok, cells), tasks, notes)
 
 
@@ -244,6 +244,12 @@ def variant_summary(ok: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
     return table.drop(columns="_axis").reset_index(drop=True)
 
 
+def format_lr(lr: float) -> str:
+    """`3e-4`, `1.5e-3`: how learning rates are written in configs and papers."""
+    mantissa, exponent = f"{lr:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
 def axis_position(axis: str) -> int:
     """Where a taxonomy axis goes in tables: the known axes in their order, then any other."""
     return AXES.index(axis) if axis in AXES else len(AXES)
@@ -257,6 +263,23 @@ def _declaration_notes(ok: pd.DataFrame, tasks: pd.DataFrame) -> list[str]:
         for row in tasks.itertuples()
         if declared[(row.model, row.task)] > 1
     ]
+
+
+def _grid_edge_notes(per_lr: pd.DataFrame, cells: pd.DataFrame) -> list[str]:
+    """A best learning rate at the end of the grid that was tried may not be the variant's best at all: the
+    comparison is only fair once each variant's optimum is bracketed."""
+    notes = []
+    for cell in cells.itertuples():
+        tried = per_lr[(per_lr["model"] == cell.model) & (per_lr["task"] == cell.task)]
+        tried = sorted(tried[tried["variant"] == cell.variant]["lr"])
+        if len(tried) >= 3 and cell.lr in (tried[0], tried[-1]):
+            end = "largest" if cell.lr == tried[-1] else "smallest"
+            notes.append(
+                f"{cell.model} {cell.task} {cell.variant}: the best learning rate, {format_lr(cell.lr)}, is the {end} "
+                "tried; "
+                "widen the grid to bracket its optimum."
+            )
+    return notes
 
 
 def _mixed_config_notes(ok: pd.DataFrame) -> list[str]:

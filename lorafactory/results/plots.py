@@ -15,8 +15,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display, and no GUI toolkit to import
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
-from lorafactory.results.aggregate import AXES, Leaderboard, axis_position  # noqa: E402
+from lorafactory.results.aggregate import AXES, Leaderboard, axis_position, format_lr  # noqa: E402
 
 AXIS_MARKERS = dict(zip(AXES, ("o", "s", "^", "D"), strict=True))
 ARROWS = {"max": "↑", "min": "↓"}
@@ -75,6 +76,10 @@ def lr_sensitivity(
         chosen = board.cell(model, task, variant.variant)
         ax.scatter([chosen["lr"]], [chosen["mean"]], s=160, facecolors="none", edgecolors=[colour])
     ax.set_xscale("log")
+    # Tick the learning rates that were tried, written as in configs: log-scale minor labels would overlap.
+    tried = sorted(per_lr["lr"].unique())
+    ax.set_xticks(tried, [format_lr(lr) for lr in tried])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("learning rate")
     ax.set_ylabel(_metric_label(board, model, task))
     title = f"{task} ({model}): learning-rate sensitivity"

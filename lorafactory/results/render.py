@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lorafactory.results.aggregate import Leaderboard, Runs
+from lorafactory.results.aggregate import Leaderboard, Runs, format_lr
 from lorafactory.results.plots import ARROWS, Plot
 from lorafactory.results.status import SweepStatus
 
@@ -34,12 +34,6 @@ def format_mean(mean: float, std: float, n: int) -> str:
     """`0.912 ± 0.004 (n=3)`; a single seed has no std."""
     spread = "" if _missing(std) else f" ± {format_number(std)}"
     return f"{format_number(mean)}{spread} (n={n})"
-
-
-def format_lr(lr: float) -> str:
-    """`3e-4`, `1.5e-3`: how learning rates are written in configs and papers."""
-    mantissa, exponent = f"{lr:.2e}".split("e")
-    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def format_count(n: float | None) -> str:

@@ -18,14 +18,17 @@ from lorafactory.variants.base import Variant
 class VariantHooks(L.Callback):
     """Calls every variant hook at its place in the loop; the loop itself never asks which variant it runs."""
 
-    def __init__(self, variant: Variant, init_batches: Callable[[], Iterable[dict[str, torch.Tensor]]]):
+    def __init__(
+        self, variant: Variant, init_batches: Callable[[], Iterable[dict[str, torch.Tensor]]], resuming: bool = False
+    ):
         self.variant = variant
         self.init_batches = init_batches
+        self.resuming = resuming
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Before configure_optimizers, so an initialisation may still change which parameters exist. A resumed run
         # gets its state from the checkpoint instead.
-        if stage == "fit" and trainer.ckpt_path is None:
+        if stage == "fit" and not self.resuming:
             self.variant.init_from_data(
                 pl_module.model, self.init_batches(), lambda model, batch: pl_module(batch).loss
             )

@@ -8,8 +8,8 @@ Update rule: LoRA's, `y = W_res x + b + s · B A x`, but initialised from the pr
 
 so `W_res + s·B A = W0` (the model is unchanged at step 0) and training moves the principal subspace while the
 frozen residual keeps the tail of the spectrum. `niter > 0` replaces the exact SVD by a randomized one with that many
-subspace iterations (PEFT's `pissa_niter_k`), much faster on large layers. The official recommendation is
-alpha = r (s = 1), the default here. Trainable parameters per layer: r · (d_in + d_out).
+subspace iterations (PEFT's `pissa_niter_k`, here with an oversampled sketch), much faster on large layers. The
+official recommendation is alpha = r (s = 1), the default here. Trainable parameters per layer: r · (d_in + d_out).
 
 The base weight is rewritten, so the adapter state saved for a run includes W_res.
 """
@@ -24,6 +24,8 @@ from torch import nn
 from lorafactory.errors import ConfigError, check
 from lorafactory.variants.base import VARIANTS, VariantConfig
 from lorafactory.variants.lora import LoRA, LoRALinear
+
+OVERSAMPLE = 8
 
 
 class PiSSALinear(LoRALinear):
@@ -46,8 +48,11 @@ class PiSSALinear(LoRALinear):
             U, S, Vh = torch.linalg.svd(W, full_matrices=False)
             U, S, Vh = U[:, : self.r], S[: self.r], Vh[: self.r]
         else:
-            U, S, V = torch.svd_lowrank(W, q=self.r, niter=niter)
-            Vh = V.t()
+            # Oversampling the sketch by a few columns (Halko et al., 2011) makes the top r triplets close to exact;
+            # PEFT's pissa_niter_k sketches exactly r columns, which converges slowly when σ_r ≈ σ_{r+1}.
+            q = min(self.r + OVERSAMPLE, *W.shape)
+            U, S, V = torch.svd_lowrank(W, q=q, niter=niter)
+            U, S, Vh = U[:, : self.r], S[: self.r], V[:, : self.r].t()
         root = (S / self.scaling).sqrt()
         A = root.unsqueeze(1) * Vh
         B = U * root.unsqueeze(0)
