@@ -445,3 +445,15 @@ def test_a_best_learning_rate_at_the_edge_of_the_grid_is_flagged(tmp_path: Path)
         "tiny-bert glue/sst2 lora: the best learning rate, 1e-3, is the largest tried; widen the grid to bracket its "
         "optimum."
     ]
+
+
+def test_sensitivity_compares_the_variant_spread_with_the_learning_rate_range(tmp_path: Path) -> None:
+    by_lr = {"lora": (0.60, 0.90, 0.85), "dora": (0.80, 0.88, 0.70), "pissa": (0.86, 0.84, 0.83)}
+    for variant, values in by_lr.items():
+        for lr, value in zip(("1e-4", "3e-4", "1e-3"), values, strict=True):
+            write_run(tmp_path, variant, "glue/sst2", lr, 0, value)
+    [row] = aggregate(load_runs(tmp_path)).sensitivity().to_dict("records")
+    assert row["variant_spread"] == pytest.approx(0.90 - 0.86)  # best lrs: lora 0.90, dora 0.88, pissa 0.86
+    assert row["lr_range_median"] == pytest.approx(0.18)  # ranges: lora 0.30, dora 0.18, pissa 0.03
+    assert row["lr_range_max"] == pytest.approx(0.30) and row["lr_range_max_variant"] == "lora"
+    assert "span 0.040" in markdown(aggregate(load_runs(tmp_path)))

@@ -132,6 +132,28 @@ class Leaderboard:
         ]
         return None if found.empty else found.iloc[0]
 
+    def sensitivity(self) -> pd.DataFrame:
+        """Per (model, task): how far apart the variants are at their best learning rates (`variant_spread`), and how
+        far the learning rate moves each variant (`lr_range`: max − min of its per-lr means; median and largest over
+        variants). The LoRAFactory study's central finding is that the second usually exceeds the first."""
+        lr_range = self.per_lr.groupby([*_CELL_KEYS])["mean"].agg(lambda m: m.max() - m.min()).rename("lr_range")
+        lr_range = lr_range.reset_index()
+        rows = []
+        for (model, task), cells in self.cells.groupby(["model", "task"], sort=True):
+            ranges = lr_range[(lr_range["model"] == model) & (lr_range["task"] == task)]
+            widest = ranges.loc[ranges["lr_range"].idxmax()]
+            rows.append(
+                {
+                    "model": model,
+                    "task": task,
+                    "variant_spread": cells["mean"].max() - cells["mean"].min(),
+                    "lr_range_median": ranges["lr_range"].median(),
+                    "lr_range_max": widest["lr_range"],
+                    "lr_range_max_variant": widest["variant"],
+                }
+            )
+        return pd.DataFrame(rows)
+
     def tidy(self) -> pd.DataFrame:
         """One row per (model, task, variant) with everything numeric: what `leaderboard.csv` holds."""
         order = self.variants.reset_index(drop=True).reset_index(names="_order")

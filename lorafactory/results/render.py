@@ -103,6 +103,19 @@ def _data_notes(board: Leaderboard) -> list[str]:
     ]
 
 
+def sensitivity_lines(board: Leaderboard) -> list[str]:
+    """One sentence per (model, task): variant spread at the best lr vs how much the lr moves a variant."""
+    lines = []
+    for row in board.sensitivity().itertuples():
+        lines.append(
+            f"{row.task} ({row.model}): at their best learning rates the variants span "
+            f"{format_number(row.variant_spread)}; the learning rate moves a variant by "
+            f"{format_number(row.lr_range_median)} (median) and up to {format_number(row.lr_range_max)} "
+            f"({row.lr_range_max_variant})."
+        )
+    return lines
+
+
 def _caption(board: Leaderboard) -> str:
     return (
         f"{board.metric.capitalize()} validation metric at each variant's best learning rate per task: mean ± std "
@@ -128,6 +141,7 @@ def markdown(board: Leaderboard) -> str:
         for axis, rows in _rows(board, model, cell):
             lines += [_md_row([axis if i == 0 else "", *row]) for i, row in enumerate(rows)]
         lines.append("")
+    lines += ["## Learning rate vs variant", "", *[f"- {line}" for line in sensitivity_lines(board)], ""]
     notes = _data_notes(board) + board.notes
     if notes:
         lines += ["## Notes", "", *[f"- {note}" for note in notes], ""]
@@ -221,6 +235,7 @@ def html_page(board: Leaderboard, runs: Runs, status: SweepStatus, plots: list[P
         f"<p>{_h(run_counts(runs))}. {_h(_caption(board))}</p>",
         _nav(board),
         *[_html_table(board, model) for model in board.models()],
+        _html_sensitivity(board),
         _html_plots(plots),
         _html_problems(runs, status),
         _html_notes(board),
@@ -269,6 +284,11 @@ def _html_table(board: Leaderboard, model: str) -> str:
             out.append(f'<tr><td class="left">{_h(label)}</td>{"".join(scores[:-n_costs])}{costs}</tr>')
     out.append("</table>")
     return "\n".join(out)
+
+
+def _html_sensitivity(board: Leaderboard) -> str:
+    items = "".join(f"<li>{_h(line)}</li>" for line in sensitivity_lines(board))
+    return f'<h2 id="sensitivity">Learning rate vs variant</h2>\n<ul>{items}</ul>'
 
 
 def _html_plots(plots: list[Plot]) -> str:
@@ -372,6 +392,7 @@ def text_summary(board: Leaderboard, runs: Runs, top: int = 3) -> str:
         width = max(len(v) for v in cells["variant"])
         for c in cells.sort_values(["rank", "variant"]).head(top).itertuples():
             lines.append(f"  {c.rank}. {c.variant:<{width}}  {format_mean(c.mean, c.std, c.n)}  lr {format_lr(c.lr)}")
+    lines += sensitivity_lines(board)
     lines += [f"note: {note}" for note in _data_notes(board) + board.notes]
     return "\n".join(lines)
 
