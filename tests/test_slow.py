@@ -51,6 +51,6 @@ def test_every_glue_task_trains_with_its_default_budget(tmp_path: Path, task: st
     assert result.returncode == 0, result.stderr[-2000:]
     [path] = tmp_path.glob("runs/default/minilm-l6/**/result.json")
     record = json.loads(path.read_text())
-    # Better than chance on the primary metric: a real run learned something.
-    chance = {"accuracy": 0.5, "f1": 0.0, "mcc": 0.0, "pearson": 0.0}[record["primary_metric"]]
-    assert record["final_metric"] > chance + 0.05, record["history"]
+    # Clearly better than predicting the majority class (the floor each metric has on these validation sets).
+    floor = {"glue/cola": 0.1, "glue/mrpc": 0.82, "glue/rte": 0.53, "glue/stsb": 0.3, "glue/qnli": 0.55}[task]
+    assert record["final_metric"] > floor, record["history"]

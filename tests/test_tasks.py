@@ -55,6 +55,37 @@ def test_classification_metrics_match_reference_formulas():
     assert set(TASKS.get("glue/sst2").compute_metrics(logits, labels)) == {"accuracy"}
 
 
+def test_degenerate_predictions_score_zero_correlation():
+    """A model that only learned the majority class (or one constant value) has no correlation with the labels."""
+    labels = torch.tensor([1] * 365 + [0] * 162)
+    constant = torch.nn.functional.one_hot(torch.ones(527, dtype=torch.long), 2).float()
+    assert TASKS.get("glue/cola").compute_metrics(constant, labels)["mcc"] == 0.0
+    flat = TASKS.get("glue/stsb").compute_metrics(torch.full((20, 1), 2.5), torch.linspace(0, 5, 20))
+    assert flat == {"pearson": 0.0, "spearman": 0.0}
+
+
+def test_spearman_handles_ties_with_average_ranks():
+    from scipy.stats import spearmanr
+
+    pred = torch.tensor([1.0, 2.0, 2.0, 3.0, 5.0, 5.0, 5.0, 0.5])
+    gold = torch.tensor([0.0, 1.0, 3.0, 2.0, 4.0, 5.0, 4.0, 1.0])
+    out = TASKS.get("glue/stsb").compute_metrics(pred.unsqueeze(1), gold)
+    assert out["spearman"] == pytest.approx(spearmanr(pred.numpy(), gold.numpy()).statistic, abs=1e-9)
+
+
+def test_multiclass_mcc_matches_scikit_style_reference():
+    from lorafactory.tasks.glue import mcc
+
+    rng = np.random.default_rng(2)
+    gold = rng.integers(0, 3, 300)
+    pred = np.where(rng.random(300) < 0.6, gold, rng.integers(0, 3, 300))
+    confusion = np.zeros((3, 3))
+    np.add.at(confusion, (gold, pred), 1)
+    t, p, c, s = confusion.sum(1), confusion.sum(0), np.trace(confusion), confusion.sum()
+    expected = (c * s - t @ p) / np.sqrt((s**2 - p @ p) * (s**2 - t @ t))
+    assert mcc(torch.tensor(pred), torch.tensor(gold), 3) == pytest.approx(expected)
+
+
 def test_regression_metrics_match_reference_formulas():
     rng = np.random.default_rng(1)
     gold = rng.uniform(0, 5, 100)

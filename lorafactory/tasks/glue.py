@@ -11,8 +11,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics.functional import matthews_corrcoef, pearson_corrcoef, spearman_corrcoef
-from torchmetrics.functional.classification import binary_f1_score
 
 from lorafactory.tasks import TASKS, Task
 
@@ -25,23 +23,59 @@ class GlueTask(Task):
         return tuple(batch[f] for f in self.text_fields)
 
     def compute_metrics(self, outputs: Tensor, labels: Tensor) -> dict[str, float]:
-        outputs = outputs.float()
+        outputs = outputs.double()
         if self.num_labels == 1:
-            preds, target = outputs.view(-1), labels.float().view(-1)
-            found = {
-                "pearson": pearson_corrcoef(preds, target),
-                "spearman": spearman_corrcoef(preds, target),
-            }
+            preds, target = outputs.view(-1), labels.double().view(-1)
+            found = {"pearson": correlation(preds, target), "spearman": correlation(ranks(preds), ranks(target))}
         else:
             preds, target = outputs.argmax(dim=-1), labels.long()
             found = {
-                "accuracy": (preds == target).float().mean(),
-                "mcc": matthews_corrcoef(
-                    preds, target, task="binary" if self.num_labels == 2 else "multiclass", num_classes=self.num_labels
-                ),
-                "f1": binary_f1_score(preds, target) if self.num_labels == 2 else torch.tensor(float("nan")),
+                "accuracy": (preds == target).double().mean().item(),
+                "mcc": mcc(preds, target, self.num_labels),
+                "f1": f1(preds, target) if self.num_labels == 2 else float("nan"),
             }
         return {name: float(found[name]) for name in self.metrics}
+
+
+# GLUE's metrics, written out: library versions disagree on degenerate cases. A constant prediction (a model that
+# learned only the majority class, or collapsed to one value) scores 0 correlation, as in scikit-learn, not NaN.
+
+
+def correlation(x: Tensor, y: Tensor) -> float:
+    """Pearson's r; 0 when either side is constant."""
+    x, y = x - x.mean(), y - y.mean()
+    denominator = (x.square().sum() * y.square().sum()).sqrt()
+    return 0.0 if denominator == 0 else float((x * y).sum() / denominator)
+
+
+def ranks(x: Tensor) -> Tensor:
+    """Average ranks (ties share the mean of their positions), so Pearson on ranks is Spearman's ρ."""
+    order = x.argsort()
+    sorted_x = x[order]
+    positions = torch.arange(len(x), dtype=torch.double)
+    _, inverse, counts = torch.unique_consecutive(sorted_x, return_inverse=True, return_counts=True)
+    mean_position = torch.zeros(len(counts), dtype=torch.double).index_add_(0, inverse, positions) / counts
+    out = torch.empty(len(x), dtype=torch.double)
+    out[order] = mean_position[inverse]
+    return out
+
+
+def mcc(preds: Tensor, target: Tensor, num_classes: int) -> float:
+    """Matthews correlation (multiclass form, Gorodkin 2004); 0 when predictions or labels are constant."""
+    confusion = torch.bincount(target * num_classes + preds, minlength=num_classes**2).view(num_classes, num_classes)
+    confusion = confusion.double()
+    n, correct = confusion.sum(), confusion.trace()
+    true_totals, pred_totals = confusion.sum(dim=1), confusion.sum(dim=0)
+    numerator = correct * n - (true_totals * pred_totals).sum()
+    denominator = ((n**2 - pred_totals.square().sum()) * (n**2 - true_totals.square().sum())).sqrt()
+    return 0.0 if denominator == 0 else float(numerator / denominator)
+
+
+def f1(preds: Tensor, target: Tensor) -> float:
+    """F1 of the positive class (label 1)."""
+    tp = ((preds == 1) & (target == 1)).sum().item()
+    wrong = (preds != target).sum().item()
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + wrong)
 
 
 def _glue(name: str, **kw: Any) -> None:
