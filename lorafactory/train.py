@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from lorafactory.errors import Diverged, UserError
-from lorafactory.models import MODELS, unfreeze
+from lorafactory.models import MODELS, build_model, unfreeze
 from lorafactory.results.record import RECORD_NAME, RunRecord, read_record, write_record
 from lorafactory.tasks import TASKS
 from lorafactory.tasks.data import resolve_data_dir
@@ -75,7 +75,7 @@ def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any]) -> RunRecord:
             f"model {cfg.model.name} takes {entry.modality} input; task {task.name} is a {task.modality} task"
         )
     variant = build_variant(cfg.variant)
-    loaded = entry.build(cfg.model, task.num_labels)
+    loaded = build_model(cfg.model, task.num_labels)
     model = loaded.module
     total_params = sum(p.numel() for p in model.parameters())
     variant.adapt(model, head=loaded.head)

@@ -34,8 +34,12 @@ def data_dir() -> Path | None:
     return SHARED_DATA if SHARED_DATA.is_dir() else None
 
 
+def tiny_cfg(name: str):
+    return OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
+
+
 def tiny(name: str, num_labels: int = 3) -> LoadedModel:
-    return build_model(OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml"), num_labels)
+    return build_model(tiny_cfg(name), num_labels)
 
 
 def batch_for(loaded: LoadedModel, batch_size: int = 3, seq: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:

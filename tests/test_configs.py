@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -13,9 +14,9 @@ from omegaconf import OmegaConf, open_dict, read_write
 
 from lorafactory.config import CONF_DIR, GROUPS, group_options, run_id
 from lorafactory.errors import ConfigError
-from lorafactory.models import MODELS
+from lorafactory.models import MODELS, build_model, unfreeze
 from lorafactory.variants import VARIANTS, build_variant
-from lorafactory.variants.base import find_targets
+from lorafactory.variants.base import AdapterLayer, find_targets
 
 # Options that cannot compose on their own say what they need.
 NEEDS = {("model", "hub"): ["model.id=FacebookAI/roberta-base"]}
@@ -117,3 +118,27 @@ def test_cluster_launcher_preset_composes_to_submitit():
     cfg = compose_with(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"])
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.launcher.tasks_per_node == 1
+
+
+def test_modules_trained_in_full_join_the_head_and_are_never_adapted():
+    from conftest import tiny_cfg
+
+    cfg = tiny_cfg("tiny-bert")
+    cfg.train_in_full = ["pooler"]
+    loaded = build_model(cfg, 2)
+    assert "bert.pooler" in loaded.head
+    variant = build_variant({"name": "lora", "targets": "all-linear"})
+    variant.adapt(loaded.module, head=loaded.head)
+    unfreeze(loaded.module, loaded.head)
+    pooler = loaded.module.bert.pooler.dense
+    assert type(pooler) is torch.nn.Linear and pooler.weight.requires_grad
+    assert isinstance(loaded.module.bert.encoder.layer[0].attention.self.query, AdapterLayer)
+
+
+def test_a_module_to_train_in_full_that_does_not_exist_names_the_override():
+    from conftest import tiny_cfg
+
+    cfg = tiny_cfg("tiny-llama")
+    cfg.train_in_full = ["pooler"]
+    with pytest.raises(ConfigError, match=r"model.train_in_full=\['pooler'\]: tiny-llama has no module.*model"):
+        build_model(cfg, 2)

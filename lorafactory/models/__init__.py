@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorafactory.errors import UserError
+from lorafactory.errors import ConfigError, UserError
 from lorafactory.registry import Registry
 from lorafactory.variants.base import HEAD_NAMES
 
@@ -50,9 +50,21 @@ def register_model(name: str, modality: str, description: str) -> Callable:
 
 
 def build_model(cfg: Any, num_labels: int) -> LoadedModel:
-    """Build the model named by `cfg.builder` with a `num_labels` head (1 = regression)."""
-    entry = MODELS.get(cfg.builder)
-    return entry.build(cfg, num_labels)
+    """Build the model named by `cfg.builder` with a `num_labels` head (1 = regression); `cfg.train_in_full` names
+    pretrained modules that belong to the head for this model (trained in full, never adapted)."""
+    loaded = MODELS.get(cfg.builder).build(cfg, num_labels)
+    extra = tuple(cfg.get("train_in_full") or ())
+    names = {n for n, _ in loaded.module.named_modules()}
+    for name in extra:
+        found = [n for n in names if n == name or n.endswith("." + name)]
+        if not found:
+            top = sorted({n.split(".")[-1] for n, m in loaded.module.named_modules() if n and n.count(".") <= 1})
+            raise ConfigError(
+                f"model.train_in_full={list(extra)}: {cfg.name} has no module named '{name}'; "
+                f"its top-level modules are: {', '.join(top)}"
+            )
+        loaded.head = tuple(sorted({*loaded.head, *found}))
+    return loaded
 
 
 def head_modules(model: nn.Module, new_keys: set[str] | None = None) -> tuple[str, ...]:

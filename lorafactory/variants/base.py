@@ -220,7 +220,9 @@ def matches(name: str, pattern: str) -> bool:
 
 
 def _in_head(name: str, head: Sequence[str]) -> bool:
-    return any(part in head for part in name.split("."))
+    """Whether module `name` lies in the head: under one of its module paths, or under a module with a head name."""
+    parts = name.split(".")
+    return any(h in parts if "." not in h else name == h or name.startswith(h + ".") for h in head)
 
 
 def find_targets(model: nn.Module, targets: str | Sequence[str], head: Sequence[str] = HEAD_NAMES) -> list[str]:
