@@ -75,7 +75,7 @@ def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any]) -> RunRecord:
             f"model {cfg.model.name} takes {entry.modality} input; task {task.name} is a {task.modality} task"
         )
     variant = build_variant(cfg.variant)
-    loaded = build_model(cfg.model, task.num_labels)
+    loaded = build_model(cfg.model, task.num_labels, task_head=cfg.task.get("train_in_full") or ())
     model = loaded.module
     total_params = sum(p.numel() for p in model.parameters())
     variant.adapt(model, head=loaded.head)

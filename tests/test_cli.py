@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["model=tiny-bert", "task.max_train_samples=48", "task.max_eval_samples=24", "trainer.progress_bar=false"]
@@ -58,6 +59,9 @@ def test_carved_task_is_marked_in_its_record(workdir):
     assert result.returncode == 0, result.stderr
     [record_path] = (workdir / "runs").rglob("result.json")
     assert "not comparable" in json.loads(record_path.read_text())["data_note"]
+    # QNLI asks for the BERT pooler to train with the head (task.train_in_full): it is saved with the adapter.
+    state = torch.load(record_path.parent / "adapter.pt", weights_only=True)
+    assert {"bert.pooler.dense.weight", "bert.pooler.dense.bias"} <= set(state)
 
 
 def test_variant_zoo_lists_every_registered_variant(workdir):

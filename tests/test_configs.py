@@ -135,6 +135,15 @@ def test_modules_trained_in_full_join_the_head_and_are_never_adapted():
     assert isinstance(loaded.module.bert.encoder.layer[0].attention.self.query, AdapterLayer)
 
 
+def test_a_task_asks_for_modules_in_full_only_where_the_model_has_them():
+    from conftest import tiny, tiny_cfg
+
+    for name, expected in (("tiny-bert", {"bert.pooler"}), ("tiny-llama", set())):
+        plain = tiny(name, 2).head
+        wished = build_model(tiny_cfg(name), 2, task_head=["pooler"]).head
+        assert set(wished) - set(plain) == expected
+
+
 def test_a_module_to_train_in_full_that_does_not_exist_names_the_override():
     from conftest import tiny_cfg
 

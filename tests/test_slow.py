@@ -52,5 +52,5 @@ def test_every_glue_task_trains_with_its_default_budget(tmp_path: Path, task: st
     [path] = tmp_path.glob("runs/default/minilm-l6/**/result.json")
     record = json.loads(path.read_text())
     # Clearly better than predicting the majority class (the floor each metric has on these validation sets).
-    floor = {"glue/cola": 0.1, "glue/mrpc": 0.82, "glue/rte": 0.53, "glue/stsb": 0.7, "glue/qnli": 0.55}[task]
+    floor = {"glue/cola": 0.1, "glue/mrpc": 0.82, "glue/rte": 0.53, "glue/stsb": 0.7, "glue/qnli": 0.6}[task]
     assert record["final_metric"] > floor, record["history"]

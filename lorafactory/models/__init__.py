@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,21 +49,26 @@ def register_model(name: str, modality: str, description: str) -> Callable:
     return decorator
 
 
-def build_model(cfg: Any, num_labels: int) -> LoadedModel:
-    """Build the model named by `cfg.builder` with a `num_labels` head (1 = regression); `cfg.train_in_full` names
-    pretrained modules that belong to the head for this model (trained in full, never adapted)."""
+def build_model(cfg: Any, num_labels: int, task_head: Sequence[str] = ()) -> LoadedModel:
+    """Build the model named by `cfg.builder` with a `num_labels` head (1 = regression).
+
+    Pretrained modules can join the head (trained in full, never adapted): `cfg.train_in_full` names them for this
+    model and must match; `task_head` is the task's wish (`task.train_in_full`), which cannot know the model, so
+    names the model lacks are skipped (a Llama has no BERT pooler)."""
     loaded = MODELS.get(cfg.builder).build(cfg, num_labels)
-    extra = tuple(cfg.get("train_in_full") or ())
-    names = {n for n, _ in loaded.module.named_modules()}
-    for name in extra:
+    required = tuple(cfg.get("train_in_full") or ())
+    names = [n for n, _ in loaded.module.named_modules() if n]
+    extra: set[str] = set()
+    for name in (*required, *task_head):
         found = [n for n in names if n == name or n.endswith("." + name)]
-        if not found:
-            top = sorted({n.split(".")[-1] for n, m in loaded.module.named_modules() if n and n.count(".") <= 1})
+        if not found and name in required:
+            top = sorted({n.split(".")[-1] for n in names if n.count(".") <= 1})
             raise ConfigError(
-                f"model.train_in_full={list(extra)}: {cfg.name} has no module named '{name}'; "
+                f"model.train_in_full={list(required)}: {cfg.name} has no module named '{name}'; "
                 f"its top-level modules are: {', '.join(top)}"
             )
-        loaded.head = tuple(sorted({*loaded.head, *found}))
+        extra.update(found)
+    loaded.head = tuple(sorted({*loaded.head, *extra}))
     return loaded
 
 
