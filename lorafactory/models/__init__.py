@@ -18,7 +18,7 @@ from torch import nn
 
 from lorafactory.errors import ConfigError, UserError
 from lorafactory.registry import Registry
-from lorafactory.variants.base import HEAD_NAMES
+from lorafactory.variants.base import HEAD_NAMES, matches
 
 
 @dataclass
@@ -60,7 +60,7 @@ def build_model(cfg: Any, num_labels: int, task_head: Sequence[str] = ()) -> Loa
     names = [n for n, _ in loaded.module.named_modules() if n]
     extra: set[str] = set()
     for name in (*required, *task_head):
-        found = [n for n in names if n == name or n.endswith("." + name)]
+        found = [n for n in names if matches(n, name)]  # as variant.targets: dotted suffix or regular expression
         if not found and name in required:
             top = sorted({n.split(".")[-1] for n in names if n.count(".") <= 1})
             raise ConfigError(

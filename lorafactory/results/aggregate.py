@@ -298,8 +298,7 @@ def _grid_edge_notes(per_lr: pd.DataFrame, cells: pd.DataFrame) -> list[str]:
             end = "largest" if cell.lr == tried[-1] else "smallest"
             notes.append(
                 f"{cell.model} {cell.task} {cell.variant}: the best learning rate, {format_lr(cell.lr)}, is the {end} "
-                "tried; "
-                "widen the grid to bracket its optimum."
+                "tried; widen the grid to bracket its optimum."
             )
     return notes
 
