@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import lorafactory.variants  # noqa: F401  (registers every variant's config in Hydra's ConfigStore)
-from lorafactory.config import CONF_DIR, check_overrides
+from lorafactory.config import CONF_DIR, check_overrides, check_run_folder
 from lorafactory.errors import UserError
 
 log = logging.getLogger("lorafactory")
@@ -38,7 +38,9 @@ def quiet() -> None:
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     from lorafactory.models import quiet_transformers
+    from lorafactory.runlock import RunningElsewhere
     from lorafactory.train import run
+    from lorafactory.training.callbacks import Interrupted
 
     quiet()
     quiet_transformers()
@@ -51,12 +53,23 @@ def hydra_main(cfg: DictConfig) -> None:
         cfg.threads = max(1, (os.cpu_count() or 1) // n_jobs)
     try:
         record = run(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+    except RunningElsewhere as err:
+        print(f"skipped: {err}", file=sys.stderr)
+        if multirun:
+            return  # another process owns the run; the sweep goes on
+        sys.exit(EXIT_RUNNING_ELSEWHERE)
+    except Interrupted as err:
+        print(f"interrupted: {cfg.variant.name} on {cfg.task.name}: {err}", file=sys.stderr)
+        if multirun:  # the whole sweep was asked to stop: say where it stands, and stop
+            print(sweep_summary(Path(hc.sweep.dir)))
+        requeue_on_slurm(err)
+        sys.exit(err.exit_code)
     except UserError as err:
         if multirun:
             log.error("failed (recorded): %s", err)
             return
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
     except Exception:
         if multirun:
             log.exception("failed (recorded in %s)", hc.runtime.output_dir)
@@ -71,26 +84,68 @@ def hydra_main(cfg: DictConfig) -> None:
     else:
         print(f"{record.status}: {record.variant} on {record.task}: {record.error}", file=sys.stderr)
         if not multirun:
-            sys.exit(1)
+            sys.exit(EXIT_FAILED)
+
+
+# Exit statuses (README, "What a run writes"): 0 ok; 1 a run failed or diverged (a sweep: any of its runs);
+# 2 a mistake in the command, config or environment; 3 the run folder is owned by another live process;
+# 128 + N stopped by signal N (143 SIGTERM, 138 SIGUSR1) after a checkpoint: launch again to resume.
+EXIT_FAILED, EXIT_USER_ERROR, EXIT_RUNNING_ELSEWHERE = 1, 2, 3
+
+
+def requeue_on_slurm(err: Exception) -> None:
+    """SIGUSR1 in a SLURM job (`--signal=USR1@<seconds>` before its time limit): put the same job back in the queue;
+    the relaunch resumes from the checkpoint just saved."""
+    import signal
+    import subprocess
+
+    job = os.environ.get("SLURM_JOB_ID")
+    if getattr(err, "signum", None) != signal.SIGUSR1 or not job:
+        return
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        print(f"requeued SLURM job {job}" if done.returncode == 0 else f"scontrol requeue {job}: {done.stderr}")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        print(f"could not requeue SLURM job {job}: {exc}", file=sys.stderr)
+
+
+def sweep_summary(sweep_dir: Path) -> str:
+    from hydra_plugins.lorafactory_sweeper import LorafactorySweeper
+    from lorafactory.results.render import status_text
+    from lorafactory.results.status import sweep_status
+
+    status = sweep_status(sweep_dir)
+    status.skipped = [folder for _, folder in LorafactorySweeper.skipped]
+    return status_text(status, sweep_dir)
 
 
 class SweepSummary(Callback):
-    """At the end of a sweep, how its runs stand and the command that makes the report."""
+    """At the end of a sweep, how its runs stand and the command that makes the report; remembers whether any run
+    failed, so the command exits non-zero."""
+
+    failed = 0
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from lorafactory.results.render import status_text
         from lorafactory.results.status import sweep_status
 
         sweep_dir = Path(config.hydra.sweep.dir)
         if sweep_dir.is_dir():
-            print(status_text(sweep_status(sweep_dir), sweep_dir))
+            print(sweep_summary(sweep_dir))
+            status = sweep_status(sweep_dir)
+            SweepSummary.failed = len(status.failed) + len(status.diverged)
             print(f"report: python -m lorafactory.report {sweep_dir}")
 
 
 def main() -> None:
     try:
         check_overrides(sys.argv[1:])
+        check_run_folder(sys.argv[1:])
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
     hydra_main()
+    if SweepSummary.failed:
+        print(f"{SweepSummary.failed} run(s) of the sweep failed or diverged (see above)", file=sys.stderr)
+        sys.exit(EXIT_FAILED)

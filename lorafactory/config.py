@@ -116,27 +116,58 @@ def group_options(group: str) -> list[str]:
     return sorted(names)
 
 
-def check_overrides(args: Sequence[str]) -> None:
-    """Fail with one line on an unknown group option (`variant=doraa`) or config key, or a value of the wrong type.
+# Hydra flags that take a value; `--cfg job variant=doraa` still gets its overrides checked.
+FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--info", "-i", "--experimental-rerun")
+FLAGS_OWN_CONFIG = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
 
-    Sweeps are checked through their first value of each choice; anything this cannot parse is left to Hydra."""
-    from hydra import compose, initialize_config_dir
+
+def split_args(args: Sequence[str]) -> list[str] | None:
+    """The overrides among command-line arguments, without Hydra's flags; None when the command selects another
+    primary config (nothing here can check that one)."""
+    overrides, skip = [], False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in FLAGS_OWN_CONFIG:
+            return None
+        if arg in FLAGS_WITH_VALUE:
+            # `--info` may stand alone; the others always take a value
+            skip = arg not in ("--info", "-i") or (i + 1 < len(args) and "=" not in args[i + 1])
+            continue
+        if arg.startswith("-"):
+            continue
+        overrides.append(arg)
+    return overrides
+
+
+def check_overrides(args: Sequence[str]) -> None:
+    """Fail with one line, before Hydra starts, on any mistake in the command: an unknown group option
+    (`variant=doraa`), an unknown key (`trainer.max_steps`, `+foo=1`), a value of the wrong type or range — for every
+    value of a sweep, each checked in a config composed with the first value of the others (`schema.validate`)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import Glob
     from hydra.errors import HydraException
 
-    overrides = [a for a in args if not a.startswith("-")]
-    if len(overrides) != len([a for a in args if a not in ("-m", "--multirun")]):
-        return  # other Hydra flags (--cfg, --config-name, ...): leave everything to Hydra
+    overrides = split_args(args)
+    if overrides is None:
+        return
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException:
-        return
-    single = []
+    except HydraException as err:
+        raise ConfigError(_one_line(err)) from None
+    choices: list[tuple[str, list[str]]] = []  # (override key as typed, its values)
     for o in parsed:
-        key = o.key_or_group.lstrip("+~")
+        raw_key = o.key_or_group
+        key = raw_key.lstrip("+~")
         if key.startswith("hydra"):
             continue
+        if raw_key.startswith("+") and not raw_key.startswith("++") and key.split(".")[0] not in GROUPS:
+            raise ConfigError(
+                f"unknown config key '{key}' ({o.input_line}): '+' adds a key the config does not have, and nothing "
+                "would read it; `--cfg job` prints every key"
+            )
         if isinstance(o.value(), Glob):  # expand glob() as Hydra will: over the group's top level only
             options = group_options(key) if key in GROUPS else []
             values = o.value().filter([n for n in options if "/" not in n])
@@ -147,7 +178,7 @@ def check_overrides(args: Sequence[str]) -> None:
                 )
         elif o.is_sweep_override():
             if not o.is_choice_sweep():
-                continue
+                continue  # ranges and intervals: left to Hydra and to the run
             values = [v for v in o.sweep_string_iterator()]
         else:
             values = [o.get_value_element_as_str()]
@@ -156,19 +187,107 @@ def check_overrides(args: Sequence[str]) -> None:
             for value in values:
                 if value not in valid and value != "null":
                     raise UnknownNameError(key, value, valid)
-        single.append(f"{o.input_line.split('=', 1)[0]}={values[0]}" if values else o.input_line)
+        choices.append((raw_key, values))
+    first = [f"{k}={v[0]}" for k, v in choices if v]
+    _compose_and_validate(first)
+    for i, (key, values) in enumerate(choices):
+        for value in values[1:]:
+            others = [f"{k}={v[0]}" for j, (k, v) in enumerate(choices) if j != i and v]
+            _compose_and_validate([*others, f"{key}={value}"])
+
+
+def check_run_folder(args: Sequence[str]) -> None:
+    """Fail with one line when the folder a command writes into (the run folder, or a sweep's) cannot be written:
+    Hydra writes it before any of our code runs, and would answer with a traceback."""
+    import tempfile
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+
+    overrides = split_args(args)
+    if overrides is None:
+        return
+    multirun = any(a in ("-m", "--multirun") for a in args)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            compose(config_name="config", overrides=single)
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        multirun = multirun or OmegaConf.select(cfg, "hydra.mode") == "MULTIRUN"
+        folder = Path(OmegaConf.select(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir"))
+    except (HydraException, ValueError, TypeError, KeyError):  # sweeps and exotic values: Hydra and the run decide
+        return
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"cannot write the run folder {folder} ({err.strerror or err}); point paths.runs somewhere writable"
+        ) from None
+
+
+def _compose_and_validate(overrides: list[str]) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    from lorafactory.schema import validate
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
     except HydraException as err:
-        raise ConfigError(_one_line(err)) from None
+        raise ConfigError(_one_line(err, overrides)) from None
+    validate(cfg)
 
 
-def _one_line(err: Exception) -> str:
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+def _all_keys(overrides: list[str]) -> list[str]:
+    """Every dotted key of the config composed with `overrides` minus the failing ones (for suggestions)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    groups = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in GROUPS]
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=groups)
+    except HydraException:
+        return []
+    keys: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        for k in node:
+            value = node._get_node(k)
+            path = f"{prefix}{k}"
+            if OmegaConf.is_dict(value):
+                walk(value, path + ".")
+            else:
+                keys.append(path)
+
+    walk(cfg, "")
+    return keys
+
+
+def _one_line(err: Exception, overrides: list[str] | None = None) -> str:
+    import difflib
+
+    text = f"{err}\n{err.__cause__}" if err.__cause__ is not None else str(err)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     head = lines[0] if lines else type(err).__name__
-    detail = next((ln for ln in lines[1:] if not ln.startswith(("full_key", "object_type", "To append"))), "")
     missing = re.match(r"Could not override '([^']+)'", head)
     if missing:
-        return f"unknown config key '{missing.group(1)}' ({detail}); `--cfg job` prints every key"
+        key = missing.group(1)
+        keys = _all_keys(overrides or [])
+        leaf = key.rsplit(".", 1)[-1]
+        same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+        close = same_leaf or difflib.get_close_matches(key, keys, n=2, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close[:2])}?" if close else ""
+        return f"unknown config key '{key}'{hint} (`--cfg job` prints every key)"
+    typed = re.search(r"Value '([^']*)' (?:of type '\w+' )?could not be converted to (\w+)", text)
+    key = re.search(r"full_key: (\S+)", text)
+    if typed and key:
+        kind = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false"}.get(typed.group(2))
+        return f"{key.group(1)} must be {kind or typed.group(2)}, got {typed.group(1)}"
+    detail = next((ln for ln in lines[1:] if not ln.startswith(("full_key", "object_type", "To append"))), "")
     return f"{head} {detail}".strip()

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--status",
         action="store_true",
-        help="only print how many runs are done, failed, running or interrupted, and missing, then exit",
+        help="only print how many runs are done, failed, interrupted, running or killed, and missing, then exit",
     )
     return parser
 

@@ -7,6 +7,7 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 import time
 import traceback
 from datetime import UTC, datetime
@@ -23,10 +24,20 @@ from omegaconf import DictConfig, OmegaConf
 from lorafactory.errors import Diverged, UserError
 from lorafactory.models import MODELS, build_model, unfreeze
 from lorafactory.results.record import RECORD_NAME, RunRecord, read_record, write_record
+from lorafactory.runlock import RunLock
+from lorafactory.schema import validate
 from lorafactory.tasks import TASKS
 from lorafactory.tasks.data import resolve_data_dir
-from lorafactory.training.callbacks import RunStats, VariantHooks
+from lorafactory.training.callbacks import (
+    DataProgress,
+    DivergenceGuard,
+    Interrupted,
+    RunStats,
+    SignalCheckpoint,
+    VariantHooks,
+)
 from lorafactory.training.data import TaskData
+from lorafactory.training.loggers import keep_rows_up_to
 from lorafactory.training.module import AdapterModule
 from lorafactory.training.optim import build_optimizer
 from lorafactory.variants.base import VARIANTS, adapter_parameters, adapter_state_dict, build_variant, count_trainable
@@ -37,37 +48,46 @@ log = logging.getLogger("lorafactory")
 def run(cfg: DictConfig, run_dir: str | os.PathLike, overrides: list[str] | None = None) -> RunRecord:
     """Train and evaluate one configuration into `run_dir`, and write its `result.json`.
 
-    A folder that already holds an `ok` record is not trained again; one with a checkpoint resumes from it; a failed
-    or diverged record is kept aside (`result.<status>-<n>.json`) and the run starts over."""
+    The folder has one owner at a time (`RunLock`; a second launch raises `RunningElsewhere`). A folder that already
+    holds an `ok` record is not trained again; one with a checkpoint resumes from it; a failed, diverged or interrupted
+    record is kept aside (`result.<status>-<n>.json`) and the run goes on. A signal (SIGTERM, SIGUSR1) stops training
+    at the next step boundary with a checkpoint and an `interrupted` record, and `Interrupted` is raised."""
     run_dir = Path(run_dir)
-    previous = _previous_record(run_dir)
-    if previous is not None and previous.status == "ok":
-        log.info("Already done, skipping: %s", run_dir)
-        return previous
-    started, t0 = datetime.now(UTC), time.perf_counter()
-    base = _identity(cfg, run_dir, overrides or [])
-    try:
-        record = _train(cfg, run_dir, base)
-    except Diverged as err:
-        record = RunRecord(**base, status="diverged", error=str(err))
-    except Exception as err:  # recorded, so a sweep goes on; the CLI decides what the user sees
-        detail = str(err) if isinstance(err, UserError) else "".join(traceback.format_exception_only(err)).strip()
-        record = RunRecord(**base, status="failed", error=detail)
-        record.started_at, record.wall_time_s = started.isoformat(), time.perf_counter() - t0
+    with RunLock(run_dir):
+        previous = _previous_record(run_dir)
+        if previous is not None and previous.status == "ok":
+            log.info("Already done, skipping: %s", run_dir)
+            return previous
+        started, t0 = datetime.now(UTC), time.perf_counter()
+        base = _identity(cfg, run_dir, overrides or [])
+        stopped: BaseException | None = None
+        try:
+            record = _train(cfg, run_dir, base, t0)
+        except Diverged as err:
+            record = RunRecord(**base, status="diverged", error=str(err))
+        except Interrupted as err:
+            record, stopped = RunRecord(**base, status="interrupted", error=str(err)), err
+        except Exception as err:  # recorded, so a sweep goes on; the CLI decides what the user sees
+            detail = str(err) if isinstance(err, UserError) else "".join(traceback.format_exception_only(err)).strip()
+            record, stopped = RunRecord(**base, status="failed", error=detail), err
+        record.started_at, record.finished_at = started.isoformat(), datetime.now(UTC).isoformat()
+        if record.wall_time_s is None:
+            record.wall_time_s = time.perf_counter() - t0
         write_record(run_dir, record)
-        raise
-    record.started_at, record.finished_at = started.isoformat(), datetime.now(UTC).isoformat()
-    record.wall_time_s = time.perf_counter() - t0
-    write_record(run_dir, record)
-    return record
+        if stopped is not None:
+            raise stopped
+        return record
 
 
-def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any]) -> RunRecord:
+def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any], t0: float) -> RunRecord:
+    # Every value checked before anything heavy is built (the CLI has checked them already; sweeps reach here too).
+    validate(cfg)
+    cache_dir = writable_dir(Path(cfg.paths.cache_dir), "paths.cache_dir (LORAFACTORY_CACHE)")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
 
-    # What to train: task, model and variant, each checked before anything heavy happens.
+    # What to train: task, model and variant.
     task = TASKS.get(cfg.task.name)
     entry = MODELS.get(cfg.model.builder)
     if entry.modality != task.modality:
@@ -82,9 +102,8 @@ def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any]) -> RunRecord:
     unfreeze(model, loaded.head)
     model.train()  # from_pretrained returns eval mode; fine-tuning keeps the base model's dropout, as usual
 
-    data = TaskData(
-        task, loaded.tokenizer, cfg.task, Path(cfg.paths.cache_dir), resolve_data_dir(cfg.paths.data_dir), cfg.seed
-    )
+    data = TaskData(task, loaded.tokenizer, cfg.task, cache_dir, resolve_data_dir(cfg.paths.data_dir), cfg.seed)
+    train_loader = data.train_loader()
     module = AdapterModule(
         model,
         task,
@@ -93,12 +112,20 @@ def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any]) -> RunRecord:
         aux_loss=variant.aux_loss,
     )
 
-    stats = RunStats()
+    # Checkpoints: every `ckpt_every_n_steps`, and on a signal; a relaunch resumes from the last one, exactly.
     ckpt_dir = run_dir / "checkpoints"
-    resume = _checkpoint(ckpt_dir / "last.ckpt")
-    checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=cfg.trainer.ckpt_every_n_steps
-    )
+    resume = _checkpoint(ckpt_dir / "last.ckpt", run_dir)
+    stats, signals = RunStats(attempt_start=t0), SignalCheckpoint(ckpt_dir / "last.ckpt")
+    callbacks = [
+        DataProgress(train_loader),  # first: the position the checkpoints save must count the step just taken
+        VariantHooks(variant, data.init_batches, resuming=resume is not None),
+        DivergenceGuard(**cfg.trainer.divergence),
+        stats,
+        signals,
+        ModelCheckpoint(
+            dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=cfg.trainer.ckpt_every_n_steps
+        ),
+    ]
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
@@ -111,13 +138,17 @@ def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any]) -> RunRecord:
         enable_progress_bar=cfg.trainer.progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        logger=instantiate(cfg.logger) if cfg.logger else False,
+        logger=_logger(cfg, run_dir, resume),
         default_root_dir=run_dir,
-        callbacks=[VariantHooks(variant, data.init_batches, resuming=resume is not None), stats, checkpoint],
+        callbacks=callbacks,
     )
-    trainer.fit(module, data.train_loader(), data.eval_loader(), ckpt_path=resume)
-    if not module.history or module.history[-1]["step"] != trainer.global_step:
-        trainer.validate(module, data.eval_loader(), verbose=False)
+    signals.install()
+    try:
+        trainer.fit(module, train_loader, data.eval_loader(), ckpt_path=resume, weights_only=True)
+        if not module.history or module.history[-1]["step"] != trainer.global_step:
+            trainer.validate(module, data.eval_loader(), verbose=False)
+    finally:
+        signals.uninstall()
 
     # Record: final and best validation metrics by the task's declared primary metric and direction.
     history = module.history
@@ -137,6 +168,7 @@ def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any]) -> RunRecord:
         best_metric=best[key],
         best_step=int(best["step"]),
         history=history,
+        chance_metric=module.chance.get(key),
         trainable_params=count_trainable(model.parameters()),
         adapter_params=count_trainable(adapter_parameters(model)),
         variant_summary=variant.summary(model),
@@ -144,8 +176,31 @@ def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any]) -> RunRecord:
         steps=trainer.global_step,
         train_samples=len(data.train),
         eval_samples=len(data.eval),
+        wall_time_s=stats.wall_s,
         **stats.summary(),
     )
+
+
+def writable_dir(path: Path, what: str) -> Path:
+    """`path`, created if needed, after checking a file can be written in it (one line naming `what` if not)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise UserError(
+            f"{what} {path} is not writable ({err.strerror or err}); point it somewhere writable"
+        ) from None
+    return path
+
+
+def _logger(cfg: DictConfig, run_dir: Path, resume: Path | None) -> Any:
+    """The configured metric logger; a resumed run keeps the rows logged up to its checkpoint."""
+    if not cfg.logger:
+        return False
+    if resume is not None:
+        keep_rows_up_to(run_dir / "logs" / "metrics.csv", _checkpoint_step(resume))
+    return instantiate(cfg.logger)
 
 
 def _identity(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
@@ -179,6 +234,7 @@ def _identity(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str,
 
 
 def _previous_record(run_dir: Path) -> RunRecord | None:
+    """The folder's record; one that is not `ok` (or unreadable) is moved aside as `result.<status>-<n>.json`."""
     path = run_dir / RECORD_NAME
     if not path.exists():
         return None
@@ -194,18 +250,26 @@ def _previous_record(run_dir: Path) -> RunRecord | None:
     return record
 
 
-def _checkpoint(path: Path) -> Path | None:
-    """The checkpoint to resume from, if there is a readable one (a kill while writing can leave a torn file)."""
+def _checkpoint(path: Path, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from, if there is a readable one. Loaded as data only (`weights_only`): a planted
+    file cannot run code. An unreadable one (a kill while writing, or not ours) is moved out of the checkpoint folder,
+    which is deleted when the run ends, and kept for inspection."""
     if not path.is_file():
         return None
     try:
-        torch.load(path, map_location="cpu", weights_only=False)  # small: adapter and optimizer state only
-    except Exception as err:  # any unreadable file means the same: start over, keep the file for inspection
-        log.warning("Checkpoint %s is unreadable (%s); starting the run over", path, err)
-        path.rename(path.with_suffix(".corrupt"))
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unreadable file means the same: start over
+        n = len(list(run_dir.glob("last.ckpt.corrupt-*"))) + 1
+        kept = run_dir / f"last.ckpt.corrupt-{n}"
+        log.warning("Checkpoint %s is unreadable (%s); starting the run over, kept as %s", path, err, kept)
+        path.rename(kept)
         return None
     log.info("Resuming from %s", path)
     return path
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
 
 
 def _versions() -> dict[str, str]:

@@ -131,3 +131,12 @@ def fake_mirror(tmp_path_factory: pytest.TempPathFactory) -> Path:
         frame.to_parquet(glue / subset / f"{split}-00000-of-00001.parquet")
     (glue / "README.md").write_text(GLUE_README)
     return root
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, fake_mirror: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder to run commands in, with the fake mirror as data and a shared tokenisation cache."""
+    monkeypatch.setenv("LORAFACTORY_DATA_DIR", str(fake_mirror))
+    monkeypatch.setenv("LORAFACTORY_CACHE", str(cache_dir))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path

@@ -23,14 +23,6 @@ def lorafactory(*args: str, cwd: Path, env: dict[str, str] | None = None, module
     )
 
 
-@pytest.fixture
-def workdir(tmp_path: Path, fake_mirror: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A folder to run in, with the fake mirror as data and a shared tokenisation cache."""
-    monkeypatch.setenv("LORAFACTORY_DATA_DIR", str(fake_mirror))
-    monkeypatch.setenv("LORAFACTORY_CACHE", str(cache_dir))
-    return tmp_path
-
-
 def test_one_run_trains_evaluates_and_records(workdir):
     result = lorafactory(*TINY_RUN, "variant=dora", "task=glue/sst2", cwd=workdir)
     assert result.returncode == 0, result.stderr
@@ -43,6 +35,8 @@ def test_one_run_trains_evaluates_and_records(workdir):
     assert record["steps"] == 2 and record["train_samples"] == 48 and record["eval_samples"] == 24
     assert record["adapter_params"] > 0 and record["trainable_params"] > record["adapter_params"]
     assert record["step_time_s"] > 0 and record["peak_memory_mb"] > 0 and record["wall_time_s"] > 0
+    assert record["activation_mb"] > 0 and record["train_state_mb"] > 0 and record["resumed"] == 0
+    assert record["chance_metric"] == 0.5  # the fake mirror's validation labels alternate: the majority class is half
     assert record["versions"]["torch"] and record["config"]["variant"]["name"] == "dora"
     assert (record_path.parent / "adapter.pt").is_file()
     assert not (record_path.parent / "checkpoints").exists()  # removed once the run is recorded
@@ -74,30 +68,74 @@ def test_variant_zoo_lists_every_registered_variant(workdir):
         assert name in result.stdout and cls.params_formula in result.stdout and cls.paper in result.stdout
 
 
-@pytest.mark.parametrize(
-    ("args", "expected"),
-    [
-        (["variant=doraa"], "unknown variant 'doraa'. Did you mean 'dora'? Valid: dora, lora"),
-        (["task=glue/sst3"], "unknown task 'glue/sst3'"),
-        (["model=bert-tiny"], "unknown model 'bert-tiny'"),
-        (["-m", "variant=lora,doraa"], "unknown variant 'doraa'"),
-        (["variant.rr=16"], "unknown config key 'variant.rr'"),
-        (["variant.r=0"], "variant.r must be >= 1, got 0"),
-        (["variant.alpha=-2"], "variant.alpha must be > 0, got -2"),
-        (["optim.lr=-1e-3"], "optim.lr must be > 0, got -0.001"),
-        (
-            ["variant.targets=[nothing_like_this]"],
-            "variant.targets: 'nothing_like_this' (in ['nothing_like_this']) matched no nn.Linear",
-        ),
-        (["model=tiny-vit"], "model tiny-vit takes vision input; task glue/sst2 is a text task"),
-    ],
-)
+MISTAKES = [
+    (["variant=doraa"], "unknown variant 'doraa'. Did you mean 'dora'? Valid: dora, lora"),
+    (["task=glue/sst3"], "unknown task 'glue/sst3'"),
+    (["model=bert-tiny"], "unknown model 'bert-tiny'"),
+    (["-m", "variant=lora,doraa"], "unknown variant 'doraa'"),
+    (["--cfg", "job", "variant=doraa"], "unknown variant 'doraa'"),
+    (["variant.rr=16"], "unknown config key 'variant.rr'"),
+    (["trainer.max_steps=3"], "unknown config key 'trainer.max_steps'; did you mean task.max_steps?"),
+    (["+foo=1"], "unknown config key 'foo'"),
+    (["variant.r=0"], "variant.r must be >= 1, got 0"),
+    (["variant.r=2.5"], "variant.r must be an integer, got 2.5"),
+    (["variant.alpha=-2"], "variant.alpha must be > 0, got -2"),
+    (["optim.lr=-1e-3"], "optim.lr must be a number > 0, got -0.001"),
+    (["optim.lr=abc"], "optim.lr must be a number > 0, got 'abc'"),
+    (["-m", "optim.lr=1e-3,abc"], "optim.lr must be a number > 0, got 'abc'"),
+    (["task.batch_size=0"], "task.batch_size must be an integer >= 1, got 0"),
+    (["task.max_train_samples=0"], "task.max_train_samples must be an integer >= 1 (or null), got 0"),
+    (["task.max_steps=-5"], "task.max_steps must be an integer >= 1 (or null), got -5"),
+    (["task.max_steps=0"], "task.max_steps must be an integer >= 1 (or null), got 0"),
+    (["task.max_length=0"], "task.max_length must be an integer >= 8, got 0"),
+    (["task.epochs=0"], "task.epochs must be an integer >= 1, got 0"),
+    (["trainer.evals_per_epoch=0"], "trainer.evals_per_epoch must be an integer >= 1, got 0"),
+    (["seed=-1"], "seed must be an integer >= 0, got -1"),
+    (["seed=abc"], "seed must be an integer >= 0, got 'abc'"),
+    (["name=../../x"], "name must be a folder name under paths.runs"),
+    (["model=hub"], "model=hub needs a Hub id: add model.id=<id>"),
+    (["model=tiny-vit"], "model tiny-vit takes vision input; task glue/sst2 is a text task"),
+]
+if not torch.cuda.is_available():
+    MISTAKES.append((["trainer=gpu"], "trainer=gpu) needs a CUDA GPU and this machine has none"))
+
+
+@pytest.mark.parametrize(("args", "expected"), MISTAKES, ids=[" ".join(a) for a, _ in MISTAKES])
+def test_mistakes_are_caught_before_anything_is_built(args, expected):
+    """Every mistake in a command is found by checking the composed config, before Hydra starts a run: it answers in
+    the time `--help` takes, not after loading a model and data."""
+    from lorafactory.config import check_overrides
+    from lorafactory.errors import UserError
+
+    with pytest.raises(UserError) as caught:
+        check_overrides(["model=tiny-bert", *args])
+    assert expected in str(caught.value)
+
+
+# Target names can only be checked against the model's modules, once it is built: the run reports them.
+TARGET_TYPO = (["variant.targets=[query,valeu]"], "variant.targets: 'valeu' (in ['query', 'valeu']) matched no")
+SUBPROCESS_MISTAKES = [MISTAKES[i] for i in (0, 4, 7, 12, 18)] + [TARGET_TYPO]
+
+
+@pytest.mark.parametrize(("args", "expected"), SUBPROCESS_MISTAKES, ids=[" ".join(a) for a, _ in SUBPROCESS_MISTAKES])
 def test_user_mistakes_print_one_line(workdir, args, expected):
     result = lorafactory(*TINY_RUN, *args, cwd=workdir)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], result.stderr
+    assert not (workdir / "runs").exists(), "a mistake must not leave a run folder behind"
+
+
+def test_unwritable_places_are_one_line(workdir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = lorafactory(*TINY_RUN, f"paths.runs={blocker}/runs", cwd=workdir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: cannot write the run folder" in result.stderr and "paths.runs" in result.stderr
+    result = lorafactory(*TINY_RUN, cwd=workdir, env={"LORAFACTORY_CACHE": str(blocker / "cache")})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: paths.cache_dir (LORAFACTORY_CACHE)" in result.stderr and "not writable" in result.stderr
 
 
 def test_missing_data_says_which_dataset_where_it_looked_and_how_to_get_it(workdir, tmp_path):

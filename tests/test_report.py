@@ -52,7 +52,8 @@ def write_run(
             adapter_params={"lora": 36864, "dora": 38400, "pissa": 36864}[variant],
             trainable_params=40000,
             step_time_s=0.05,
-            peak_memory_mb=512.0,
+            activation_mb=500.0,
+            train_state_mb=12.0,
             overrides=overrides,
             run_dir=str(run_dir),
             **fields,
@@ -218,7 +219,7 @@ def test_status_counts_and_lists_missing_runs(sweep: Path, tmp_path: Path) -> No
     assert "36 runs expected by multirun.yaml" in done.stdout  # 2 tasks × 3 variants × 2 lrs × 3 seeds
     assert ["done", "24"] in lines
     assert ["failed", "2", "(1", "diverged)"] in lines
-    assert ["running", "or", "interrupted", "1"] in lines
+    assert ["running", "or", "killed", "1"] in lines and ["interrupted", "0"] in lines
     assert ["unreadable", "record", "1"] in lines
     # Every seed-2 run but the one in progress; the failed runs used an lr the sweep did not ask for.
     assert ["missing", "11"] in lines

@@ -217,7 +217,8 @@ def test_cost_columns_are_medians_over_the_variants_ok_runs(tmp_path: Path) -> N
             adapter_params=1000 + seed,
             trainable_params=5000,
             step_time_s=step,
-            peak_memory_mb=memory,
+            activation_mb=memory - 1.0,
+            train_state_mb=1.0,
         )
     write_run(tmp_path, "lora", "glue/sst2", "1e-4", 7, None, status="failed", step_time_s=9.0, error="boom")
 
@@ -226,7 +227,7 @@ def test_cost_columns_are_medians_over_the_variants_ok_runs(tmp_path: Path) -> N
     assert variant["adapter_params"] == 1001
     assert variant["trainable_params"] == 5000
     assert variant["step_time_s"] == pytest.approx(0.020)
-    assert variant["peak_memory_mb"] == pytest.approx(300.0)
+    assert variant["memory_mb"] == pytest.approx(300.0)  # activations + trained state, the method's own cost
 
 
 # --- failed, diverged and unreadable records -------------------------------------------------------------------------

@@ -12,19 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from lorafactory.results.record import RunRecord, read_record, write_record
 
 TINY = ["model=tiny-bert", "task.max_train_samples=32", "task.max_eval_samples=16", "trainer.progress_bar=false"]
-
-
-@pytest.fixture
-def workdir(tmp_path: Path, fake_mirror: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LORAFACTORY_DATA_DIR", str(fake_mirror))
-    monkeypatch.setenv("LORAFACTORY_CACHE", str(cache_dir))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return tmp_path
 
 
 def run(*args: str, cwd: Path, module: str = "lorafactory") -> subprocess.CompletedProcess[str]:
@@ -58,19 +48,19 @@ def test_sweep_runs_every_combination_into_one_folder_and_reports(workdir):
 
 
 def test_failures_are_recorded_the_sweep_goes_on_and_a_relaunch_only_reruns_them(workdir):
-    args = ["-m", *TINY, "variant.r=0,4", "name=mixed"]
+    args = ["-m", *TINY, "variant.targets=[nothing_here],[query]", "name=mixed"]
     first = run(*args, cwd=workdir)
-    assert first.returncode == 0, first.stderr
+    assert first.returncode == 1, first.stderr  # every run ran; the sweep says one failed
     found = records(workdir / "runs" / "mixed")
     by_status = {r.status: r for r in found.values()}
     assert set(by_status) == {"ok", "failed"}
-    assert "variant.r must be >= 1, got 0" in by_status["failed"].error
+    assert "'nothing_here'" in by_status["failed"].error and "matched no" in by_status["failed"].error
     [ok_folder] = [workdir / "runs" / "mixed" / k for k, r in found.items() if r.status == "ok"]
     ok_bytes = (ok_folder / "result.json").read_bytes()
 
     again = run(*args, cwd=workdir)
-    assert again.returncode == 0, again.stderr
-    assert "Already done, skipping" in again.stdout + again.stderr
+    assert again.returncode == 1, again.stderr
+    assert "Skipping (done)" in again.stdout + again.stderr
     assert (ok_folder / "result.json").read_bytes() == ok_bytes  # the finished run was not touched
     [failed_folder] = [workdir / "runs" / "mixed" / k for k, r in found.items() if r.status == "failed"]
     assert (failed_folder / "result.failed-1.json").is_file()  # the earlier failure is kept, the run tried again

@@ -128,3 +128,42 @@ def test_loraplus_gives_b_the_ratio_times_the_learning_rate():
     assert lrs[id(model[0].lora_B)] == pytest.approx(8e-3)
     assert lrs[id(model[0].lora_A)] == lrs[id(model[0].base.bias)] == pytest.approx(1e-3)
     assert len(lrs) == 3
+
+
+def test_pissa_state_taken_while_merged_loads_the_same():
+    """The residual W_res is what a saved PiSSA state must hold; taken while merged, the base weight holds
+    W_res + s·BA, and a fresh model would add s·BA twice."""
+    from lorafactory.variants import adapter_state_dict, load_adapter_state_dict, merge_adapters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 20))
+    build_variant({"name": "pissa", "targets": ["0"], "r": 4}).adapt(model)
+    with torch.no_grad():
+        model[0].lora_B.add_(0.1)
+    x = torch.randn(5, 24)
+    expected = model(x)
+    unmerged_state = adapter_state_dict(model)
+    merge_adapters(model)
+    merged_state = adapter_state_dict(model)
+    for key in unmerged_state:
+        torch.testing.assert_close(merged_state[key], unmerged_state[key], atol=1e-6, rtol=1e-6, msg=key)
+    torch.manual_seed(1)
+    fresh = nn.Sequential(nn.Linear(24, 20))
+    fresh.load_state_dict({"0.weight": torch.zeros(20, 24), "0.bias": model[0].base.bias.detach()})
+    build_variant({"name": "pissa", "targets": ["0"], "r": 4}).adapt(fresh)
+    load_adapter_state_dict(fresh, merged_state)
+    torch.testing.assert_close(fresh(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "pissa"])
+def test_merge_round_trip_keeps_float64_precision(variant):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 24)).double()
+    build_variant({"name": variant, "targets": ["0"], "r": 4}).adapt(model)
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    before = layer.base.weight.detach().clone()
+    layer.merge()
+    layer.unmerge()
+    assert (layer.base.weight - before).abs().max() < 1e-12  # float32 arithmetic would leave ~1e-7

@@ -20,7 +20,7 @@ from lorafactory.results.record import RECORD_NAME, RunRecord, read_record
 
 log = logging.getLogger(__name__)
 
-AXES = ("rank", "optimization", "initialization", "moe")
+AXES = ("baseline", "rank", "optimization", "initialization", "moe")
 """Taxonomy axes in display order; any other axis comes after these."""
 METRICS = {"final": "final_metric", "best": "best_metric"}
 """`--metric` choices and the record field each one reads."""
@@ -45,13 +45,21 @@ RECORD_COLUMNS = (
     "step_time_s",
     "throughput",
     "peak_memory_mb",
+    "activation_mb",
+    "train_state_mb",
+    "memory_mb",
+    "chance_metric",
+    "resumed",
     "wall_time_s",
     "data_note",
     "error",
     "run_dir",
     "path",
 )
-COST_COLUMNS = ("adapter_params", "trainable_params", "step_time_s", "peak_memory_mb")
+COST_COLUMNS = ("adapter_params", "trainable_params", "step_time_s", "memory_mb")
+"""`memory_mb` is what the method costs, measured on one step: activations saved for backward plus the trained state
+(parameters, gradients, optimizer state). The process's peak RSS (`peak_memory_mb`) is mostly the interpreter and the
+frozen model, and is kept in the records only."""
 _CELL_KEYS = ["model", "task", "variant"]
 
 
@@ -91,7 +99,9 @@ def load_runs(root: str | os.PathLike) -> Runs:
 
 def _record_row(record: RunRecord, folder: Path) -> dict[str, Any]:
     row = {name: getattr(record, name) for name in RECORD_COLUMNS if hasattr(record, name)}
-    row["baseline"] = "baseline" in record.tags
+    row["baseline"] = "baseline" in record.tags or record.taxonomy == "baseline"
+    if record.activation_mb is not None and record.train_state_mb is not None:
+        row["memory_mb"] = record.activation_mb + record.train_state_mb
     row["lr_scale"] = (record.config.get("optim") or {}).get("lr_scale")
     row["path"] = str(folder)
     return row
@@ -116,6 +126,8 @@ class Leaderboard:
     variants: pd.DataFrame
     tasks: pd.DataFrame
     notes: list[str] = field(default_factory=list)
+    diverged: pd.DataFrame = field(default_factory=pd.DataFrame)
+    """One row per diverged run (model, task, variant, lr, seed): drawn apart in the learning-rate figures."""
 
     def models(self) -> list[str]:
         return sorted(self.variants["model"].unique())
@@ -198,7 +210,11 @@ def aggregate(runs: Runs, metric: str = "final") -> Leaderboard:
     per_lr = per_lr_stats(ok, METRICS[metric], tasks)
     cells = rank_cells(best_lr(per_lr))
     notes = _declaration_notes(ok, tasks) + _mixed_config_notes(ok) + _grid_edge_notes(per_lr, cells)
-    return Leaderboard(metric, per_lr, cells, variant_summary(ok, cells), tasks, notes)
+    notes += _chance_notes(ok, cells)
+    diverged = runs.records[runs.records["status"] == "diverged"][[*_CELL_KEYS, "lr", "seed"]]
+    return Leaderboard(
+        metric, per_lr, cells, variant_summary(ok, cells), tasks, notes, diverged.reset_index(drop=True)
+    )
 
 
 def task_info(ok: pd.DataFrame) -> pd.DataFrame:
@@ -299,6 +315,33 @@ def _grid_edge_notes(per_lr: pd.DataFrame, cells: pd.DataFrame) -> list[str]:
             notes.append(
                 f"{cell.model} {cell.task} {cell.variant}: the best learning rate, {format_lr(cell.lr)}, is the {end} "
                 "tried; widen the grid to bracket its optimum."
+            )
+    return notes
+
+
+def _chance_notes(ok: pd.DataFrame, cells: pd.DataFrame) -> list[str]:
+    """Results within noise of predicting the majority class (a constant, for regression) are no results: say so,
+    for the whole task when every variant is there."""
+    notes = []
+    for (model, task), group in cells.groupby(["model", "task"], sort=True):
+        chance = ok[(ok["model"] == model) & (ok["task"] == task)]["chance_metric"].dropna()
+        if chance.empty:
+            continue
+        level = float(chance.median())
+        signed = group["mean"] - level if group["direction"].iloc[0] == "max" else level - group["mean"]
+        margin = (2 * group["std"].fillna(0.0)).clip(lower=0.01)
+        at_chance = group[signed <= margin]["variant"].tolist()
+        if not at_chance:
+            continue
+        if len(at_chance) == len(group):
+            notes.append(
+                f"{model} {task}: every variant is indistinguishable from the majority-class baseline "
+                f"({level:.4g}): nothing was learned at this budget."
+            )
+        else:
+            notes.append(
+                f"{model} {task}: {', '.join(sorted(at_chance))} indistinguishable from the majority-class baseline "
+                f"({level:.4g})."
             )
     return notes
 

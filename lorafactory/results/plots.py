@@ -15,11 +15,20 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display, and no GUI toolkit to import
 
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 from lorafactory.results.aggregate import AXES, Leaderboard, axis_position, format_lr  # noqa: E402
 
-AXIS_MARKERS = dict(zip(AXES, ("o", "s", "^", "D"), strict=True))
+
+def format_count(value: float) -> str:
+    """Tick labels for parameter counts: 740, 74k, 1.2M (not 7.4×10⁴)."""
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= size:
+            return f"{value / size:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+AXIS_MARKERS = dict(zip(AXES, ("*", "o", "s", "^", "D"), strict=True))
 ARROWS = {"max": "↑", "min": "↓"}
 
 
@@ -75,9 +84,21 @@ def lr_sensitivity(
         )
         chosen = board.cell(model, task, variant.variant)
         ax.scatter([chosen["lr"]], [chosen["mean"]], s=160, facecolors="none", edgecolors=[colour])
+    # Diverged runs have no score: a cross on the bottom edge, in the variant's colour, instead of a low point.
+    diverged = board.diverged
+    if not diverged.empty:
+        diverged = diverged[(diverged["model"] == model) & (diverged["task"] == task)]
+    if not diverged.empty:
+        bottom = ax.get_ylim()[0]
+        for name, group in diverged.groupby("variant"):
+            ax.scatter(
+                group["lr"], [bottom] * len(group), marker="x", s=70, color=colours.get(name, "black"), clip_on=False
+            )
+        ax.scatter([], [], marker="x", color="black", label="diverged (no score)")
+        ax.set_ylim(bottom=bottom)
     ax.set_xscale("log")
     # Tick the learning rates that were tried, written as in configs: log-scale minor labels would overlap.
-    tried = sorted(per_lr["lr"].unique())
+    tried = sorted({*per_lr["lr"].unique(), *(diverged["lr"].unique() if not diverged.empty else ())})
     ax.set_xticks(tried, [format_lr(lr) for lr in tried])
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("learning rate")
@@ -105,15 +126,20 @@ def metric_vs_params(board: Leaderboard, model: str, task: str, out_dir: Path) -
             label=axis or "unclassified",
             color=axis_colours(axis_position(axis)),
         )
-        for point in group.itertuples():
+    # Variants with the same parameter count share an x: stack their labels there, one line each, beside the points.
+    for _, same_x in points.groupby("adapter_params"):
+        for i, point in enumerate(same_x.sort_values("mean", ascending=False).itertuples()):
             ax.annotate(
                 point.variant,
                 (point.adapter_params, point.mean),
                 textcoords="offset points",
-                xytext=(6, 4),
+                xytext=(7, 9 - 11 * i),
                 fontsize=8,
+                arrowprops={"arrowstyle": "-", "lw": 0.4, "alpha": 0.5} if i else None,
             )
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: format_count(value)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("adapter parameters")
     ax.set_ylabel(_metric_label(board, model, task))
     title = f"{task} ({model}): metric at the best lr vs parameters"

@@ -16,13 +16,14 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 RECORD_NAME = "result.json"
-STATUSES = ("ok", "failed", "diverged")
+STATUSES = ("ok", "failed", "diverged", "interrupted")
 
 
 @dataclass
 class RunRecord:
     status: str
-    """`ok`, `failed` (raised; see `error`) or `diverged` (loss became NaN/inf)."""
+    """`ok`; `failed` (raised; see `error`); `diverged` (the loss ran away: NaN/inf, or the rule of
+    `trainer.divergence`); `interrupted` (stopped by a signal after saving a checkpoint: launching again resumes)."""
     model: str
     task: str
     variant: str
@@ -45,6 +46,8 @@ class RunRecord:
     best_step: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     """Every evaluation: {"step": ..., <metric>: ...}."""
+    chance_metric: float | None = None
+    """The primary metric of predicting the majority class (a constant for regression) on the evaluation set."""
     trainable_params: int | None = None
     """All trainable parameters, task head included."""
     adapter_params: int | None = None
@@ -64,7 +67,15 @@ class RunRecord:
     peak_memory_mb: float | None = None
     memory_kind: str | None = None
     """`rss` (peak resident memory of the process during training, CPU) or `cuda` (peak allocated)."""
+    activation_mb: float | None = None
+    """Tensors saved for the backward pass in one training step (the model's weights excluded): what the method
+    costs in activations, independent of the process and allocator."""
+    train_state_mb: float | None = None
+    """Trainable parameters, their gradients and the optimizer's state: what the method costs besides activations."""
     wall_time_s: float | None = None
+    """Wall time of the run, every attempt included (each up to the checkpoint the next one resumed from)."""
+    resumed: int = 0
+    """How many times the run resumed from a checkpoint."""
     data_note: str | None = None
     """Set when the splits differ from the published ones (e.g. carved from validation): not comparable to papers."""
     error: str | None = None
@@ -96,6 +107,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON so that readers see the old file or the new one, never a partial one (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it 0600: on a shared file system the group must read results
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=False, default=str, allow_nan=True)

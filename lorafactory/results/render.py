@@ -19,7 +19,7 @@ from lorafactory.results.aggregate import Leaderboard, Runs, format_lr
 from lorafactory.results.plots import ARROWS, Plot
 from lorafactory.results.status import SweepStatus
 
-COST_HEADERS = ("Avg rank", "Adapter params", "Step time", "Peak memory")
+COST_HEADERS = ("Avg rank", "Adapter params", "Step time", "Memory (activations + trained state)")
 NOT_COMPARABLE = "not comparable to published numbers"
 
 
@@ -74,7 +74,7 @@ def cost_cells(variant: pd.Series, n_tasks: int) -> list[str]:
     if variant["n_tasks"] < n_tasks:
         rank += f" ({variant['n_tasks']}/{n_tasks} tasks)"
     step = "–" if _missing(variant["step_time_s"]) else f"{1000 * variant['step_time_s']:.1f} ms"
-    memory = "–" if _missing(variant["peak_memory_mb"]) else f"{variant['peak_memory_mb']:.0f} MB"
+    memory = "–" if _missing(variant["memory_mb"]) else f"{variant['memory_mb']:.1f} MB"
     return [rank, format_count(variant["adapter_params"]), step, memory]
 
 
@@ -410,14 +410,18 @@ def status_text(status: SweepStatus, root: Path, show: int = 10) -> str:
         f"{root}: {expected}",
         f"  done                    {len(status.done)}",
         f"  failed                  {failed}" + (f" ({len(status.diverged)} diverged)" if status.diverged else ""),
-        f"  running or interrupted  {len(status.running)}",
+        f"  interrupted             {len(status.interrupted)}",
+        f"  running or killed       {len(status.running)}",
         f"  missing                 {missing}",
     ]
+    if status.skipped:
+        lines.insert(2, f"  skipped by this launch  {len(status.skipped)} (done, or running elsewhere)")
     if status.unreadable:
         lines.append(f"  unreadable record       {len(status.unreadable)}")
     attention = [
         ("failed or diverged", [_relative(p, root) for p in status.failed + status.diverged]),
-        ("running or interrupted", [_relative(p, root) for p in status.running]),
+        ("interrupted (launch again to resume)", [_relative(p, root) for p in status.interrupted]),
+        ("running or killed", [_relative(p, root) for p in status.running]),
         ("unreadable record", [_relative(p, root) for p in status.unreadable]),
         ("missing", [" ".join(job) for job in status.missing]),
     ]

@@ -26,8 +26,12 @@ class SweepStatus:
     done: list[Path] = field(default_factory=list)
     failed: list[Path] = field(default_factory=list)
     diverged: list[Path] = field(default_factory=list)
+    interrupted: list[Path] = field(default_factory=list)
+    """Stopped by a signal with a checkpoint: launching the sweep again resumes them."""
     running: list[Path] = field(default_factory=list)
     """A folder with a checkpoint or Hydra files but no record: still running, or killed."""
+    skipped: list[Path] = field(default_factory=list)
+    """Runs this launch did not start: done already, or owned by another live process (set by the sweep)."""
     unreadable: list[Path] = field(default_factory=list)
     expected: int | None = None
     """Runs the sweeps' `multirun.yaml` asked for; None when there is no multirun.yaml to say."""
@@ -50,7 +54,8 @@ def sweep_status(root: str | os.PathLike) -> SweepStatus:
         except (OSError, ValueError, TypeError):
             status.unreadable.append(folder)
             continue
-        {"ok": status.done, "failed": status.failed, "diverged": status.diverged}[record.status].append(folder)
+        states = {"ok": status.done, "failed": status.failed, "diverged": status.diverged}
+        states.get(record.status, status.interrupted).append(folder)
     for multirun in sorted(root.rglob("multirun.yaml")):
         _count_missing(status, multirun, records)
     return status

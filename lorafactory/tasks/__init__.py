@@ -9,8 +9,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from lorafactory.registry import Registry
@@ -58,8 +60,40 @@ class Task:
     def example_inputs(self, batch: dict[str, list[Any]]) -> tuple[list[Any], ...]:
         raise NotImplementedError
 
+    # --- how a family makes its data: text classification by default; other families override these two ---------
+    def splits(self, preprocessor: Any, task_cfg: Any, cache_dir: Path, data_dir: Path | None) -> tuple[Any, Any]:
+        """(train, eval) datasets of model-ready examples (dicts with `labels`), capped by the task's budget and
+        cached so that a second run does not preprocess again. `preprocessor` is the model's tokenizer or image
+        processor."""
+        from lorafactory.tasks.data import task_splits
+
+        return task_splits(
+            self,
+            preprocessor,
+            task_cfg.max_length,
+            cache_dir,
+            data_dir,
+            task_cfg.max_train_samples,
+            task_cfg.max_eval_samples,
+        )
+
+    def collator(self, preprocessor: Any) -> Any:
+        """Turns a list of examples into a batch of tensors."""
+        from lorafactory.tasks.data import PadCollator
+
+        return PadCollator(preprocessor.pad_token_id, regression=self.num_labels == 1)
+
     def compute_metrics(self, outputs: Tensor, labels: Tensor) -> dict[str, float]:
         raise NotImplementedError
+
+    def chance_metrics(self, labels: Tensor) -> dict[str, float]:
+        """The metrics of a model that learned nothing: it predicts the majority class (or, for regression, a
+        constant). A result within noise of these is no result."""
+        if self.num_labels == 1:
+            return self.compute_metrics(torch.zeros(len(labels), 1), labels)
+        majority = int(torch.bincount(labels.long(), minlength=self.num_labels).argmax())
+        outputs = torch.nn.functional.one_hot(torch.full((len(labels),), majority), self.num_labels).float()
+        return self.compute_metrics(outputs, labels)
 
 
 TASKS: Registry[Task] = Registry("task")

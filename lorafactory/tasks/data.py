@@ -48,6 +48,12 @@ def load_split(task: Task, split: str, data_dir: Path | None) -> Any:
         return datasets.load_dataset(source, task.subset, split=split, download_mode="force_redownload")
     except Exception as err:  # datasets raises many types for "not there": connection, file, value errors
         if source != task.hub_id:
+            broken = _unreadable_file(local, task.subset)
+            if broken is not None:
+                raise DataMissingError(
+                    f"dataset {task.hub_id} ({task.subset}): the mirror file {broken[0]} is unreadable ({broken[1]}); "
+                    "replace it with a complete copy"
+                ) from None
             where = f"the mirror folder {source} could not be read"
         elif data_dir is not None:
             where = f"{data_dir} has no folder '{task.hub_id}'"
@@ -59,6 +65,20 @@ def load_split(task: Task, split: str, data_dir: Path | None) -> Any:
             f"Hub failed ({reason}). Point LORAFACTORY_DATA_DIR (or paths.data_dir) at a mirror in the Hub layout, "
             f"e.g. ../shared/data, or run with network access."
         ) from None
+
+
+def _unreadable_file(folder: Path, subset: str | None) -> tuple[Path, str] | None:
+    """The first data file of the mirror's subset that its format's reader rejects (a truncated download), with why."""
+    import pyarrow.parquet as pq
+
+    for path in sorted(folder.rglob("*.parquet")):
+        if subset and subset not in str(path.relative_to(folder)):
+            continue
+        try:
+            pq.ParquetFile(path).read()
+        except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ...: all mean "not a readable file"
+            return path, str(err).splitlines()[0][:160]
+    return None
 
 
 def _source_stamp(task: Task, data_dir: Path | None) -> list[Any]:

@@ -35,6 +35,8 @@ class AdapterModule(L.LightningModule):
         # Checkpoints hold the adapter state only (see on_save_checkpoint), not the frozen model.
         self.strict_loading = False
         self.history: list[dict[str, float]] = []
+        self.chance: dict[str, float] = {}
+        """The task's metrics for predicting the majority class (a constant for regression) on the evaluation set."""
         self._outputs: list[Tensor] = []
         self._labels: list[Tensor] = []
         self._losses: list[Tensor] = []
@@ -68,7 +70,12 @@ class AdapterModule(L.LightningModule):
             collected.clear()
         if self.trainer.sanity_checking:
             return
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=False)
+        if not self.chance:
+            self.chance = self.task.chance_metrics(labels)
+        # Logged at the optimizer step they follow, the step the record's history gives (Lightning's own logging
+        # would count one less).
+        for logger in self.loggers:
+            logger.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=self.global_step)
         self.history.append({"step": self.global_step, **metrics})
 
     def configure_optimizers(self) -> dict[str, Any]:

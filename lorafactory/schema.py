@@ -1,0 +1,141 @@
+"""Checks of the whole composed config, run before anything heavy is built: every user mistake answers in about the
+time `--help` takes, as one line naming the override to fix (`task.batch_size must be an integer >= 1, got 0`).
+
+The YAML files stay short and untyped; the rules live here, one line per field. Variant fields are checked by the
+variant's own config dataclass (`variants.base.build_variant`), tasks and models by their registries.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lorafactory.errors import ConfigError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    try:
+        return OmegaConf.select(cfg, key, throw_on_missing=True)
+    except OmegaConfBaseException as err:
+        if "Missing mandatory value" in str(err):
+            raise ConfigError(f"{key} must be set ({key}=...)") from None
+        raise ConfigError(f"{key} cannot be resolved: {str(err).splitlines()[0]}") from None
+
+
+def integer(low: int | None = None, optional: bool = False) -> Callable[[str, Any], None]:
+    def rule(key: str, value: Any) -> None:
+        if value is None and optional:
+            return
+        bound = f" >= {low}" if low is not None else ""
+        none = " (or null)" if optional else ""
+        if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+            raise ConfigError(f"{key} must be an integer{bound}{none}, got {value!r}")
+
+    return rule
+
+
+def number(low: float | None = None, high: float | None = None, above: bool = False, optional: bool = False):
+    """A finite float in [low, high) (or (low, high) with `above`)."""
+
+    def rule(key: str, value: Any) -> None:
+        if value is None and optional:
+            return
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (low is None or (value > low if above else value >= low)) and (high is None or value < high)
+        if not ok:
+            lower = "" if low is None else f" {'>' if above else '>='} {low:g}"
+            upper = "" if high is None else f" and < {high:g}"
+            raise ConfigError(f"{key} must be a number{lower}{upper}, got {value!r}")
+
+    return rule
+
+
+def boolean(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
+def one_of(*choices: str) -> Callable[[str, Any], None]:
+    def rule(key: str, value: Any) -> None:
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+
+    return rule
+
+
+def run_name(key: str, value: Any) -> None:
+    if not isinstance(value, str) or not _NAME.match(value) or ".." in value.split("/"):
+        raise ConfigError(
+            f"{key} must be a folder name under paths.runs (letters, digits, '.', '_', '-', nested with '/'), "
+            f"got {value!r}"
+        )
+
+
+RULES: dict[str, Callable[[str, Any], None]] = {
+    "name": run_name,
+    "seed": integer(0),
+    "save_adapter": boolean,
+    "threads": integer(1, optional=True),
+    "task.lr": number(0, above=True),
+    "task.epochs": integer(1),
+    "task.max_steps": integer(1, optional=True),
+    "task.batch_size": integer(1),
+    "task.eval_batch_size": integer(1),
+    "task.max_length": integer(8),
+    "task.max_train_samples": integer(1, optional=True),
+    "task.max_eval_samples": integer(1, optional=True),
+    "optim.lr": number(0, above=True),
+    "optim.lr_scale": number(0, above=True),
+    "optim.weight_decay": number(0),
+    "scheduler.kind": one_of("linear", "cosine", "constant"),
+    "scheduler.warmup_ratio": number(0, 1),
+    "trainer.devices": integer(1),
+    "trainer.evals_per_epoch": integer(1),
+    "trainer.gradient_clip_val": number(0, optional=True),
+    "trainer.log_every_n_steps": integer(1),
+    "trainer.ckpt_every_n_steps": integer(1),
+    "trainer.progress_bar": boolean,
+    "trainer.divergence.factor": number(1, above=True),
+    "trainer.divergence.window": integer(1),
+    "trainer.divergence.reference_steps": integer(1),
+    "trainer.divergence.eval_factor": number(1, above=True),
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise a ConfigError naming the first impossible value in the composed config (variant fields included)."""
+    from lorafactory.models import MODELS
+    from lorafactory.tasks import TASKS
+    from lorafactory.variants.base import build_variant
+
+    for key, rule in RULES.items():
+        if OmegaConf.select(cfg, key, default="__absent__") == "__absent__":
+            continue  # a config without the key (tests compose partial configs); the consumer decides
+        rule(key, _get(cfg, key))
+    task = TASKS.get(_get(cfg, "task.name"))
+    model = MODELS.get(_get(cfg, "model.builder"))
+    if model.modality != task.modality:
+        raise ConfigError(
+            f"model {_get(cfg, 'model.name')} takes {model.modality} input; task {task.name} is a {task.modality} task"
+        )
+    if _get(cfg, "model.builder") == "hub" and (OmegaConf.is_missing(cfg.model, "id") or not cfg.model.get("id")):
+        raise ConfigError("model=hub needs a Hub id: add model.id=<id>, e.g. model.id=FacebookAI/roberta-base")
+    build_variant(cfg.variant)
+    _check_accelerator(str(_get(cfg, "trainer.accelerator")))
+
+
+def _check_accelerator(accelerator: str) -> None:
+    import torch
+
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} (trainer=gpu) needs a CUDA GPU and this machine has none "
+            "(torch.cuda.is_available() is False): use trainer=cpu"
+        )
