@@ -5,8 +5,10 @@
 
 "Frozen" is the cost no adapter can avoid: the same model with every weight frozen but the task head, and the
 gradient carried back through every layer to the embeddings (as PEFT's `enable_input_require_grads` does). A step is
-forward, backward, AdamW step and zero_grad. The configurations are timed round-robin, one step each in turn, so
-drifts in machine load hit them all alike; the table shows the median of `--steps` steps per configuration.
+forward, backward, optimizer step and zero_grad; ours with every hook the training loop calls and the variant's own
+optimizer (PEFT's twin runs plain AdamW: its special optimizers, e.g. LoRA-FA's, cost the same per step). The
+configurations are timed round-robin, one step each in turn, so drifts in machine load hit them all alike; the table
+shows the median of `--steps` steps per configuration.
 """
 
 from __future__ import annotations
@@ -22,8 +24,13 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from lorafactory.models import build_model, unfreeze
+from lorafactory.training.optim import build_optimizer, carry_over_state
 from lorafactory.variants import VARIANTS, build_variant
 from lorafactory.variants.base import find_targets, freeze
+
+OPTIM = OmegaConf.create(
+    {"lr": 1e-5, "weight_decay": 0.0, "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True}}
+)
 
 MODEL_CONFIGS = {
     "minilm-l6": {"name": "minilm-l6", "builder": "minilm-l6"},
@@ -46,10 +53,36 @@ def frozen(model: nn.Module, head: tuple[str, ...]) -> nn.Module:
     return model
 
 
-def ours(model: nn.Module, head: tuple[str, ...], variant: str, targets: str, r: int) -> nn.Module:
-    build_variant({"name": variant, "r": r, "alpha": 2 * r, "targets": targets}).adapt(model, head=head)
+def ours(
+    model: nn.Module, head: tuple[str, ...], variant: str, targets: str, r: int, batch: dict[str, torch.Tensor]
+) -> Callable[[], None]:
+    """Our training step as the recipe runs it: the variant's optimizer and parameter groups, its data-driven
+    initialisation, auxiliary loss and every per-step hook (gradient edits, rank reallocations...)."""
+    v = build_variant({"name": variant, "r": r, "alpha": 2 * r, "targets": targets})
+    v.adapt(model, head=head)
     unfreeze(model, head)
-    return model
+    model.train()
+    v.init_from_data(model, iter([batch] * 64), lambda m, b: m(**b).loss)
+    v.on_train_start(model, 10_000)
+    optimizer = build_optimizer(OPTIM, v, model)
+    count = 0
+
+    def step() -> None:
+        nonlocal optimizer, count
+        loss = model(**batch).loss
+        aux = v.aux_loss(model)
+        (loss if aux is None else loss + aux).backward()
+        v.on_after_backward(model)
+        v.on_before_optimizer_step(model, optimizer)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        count += 1
+        if v.on_train_batch_end(model, count):
+            new = build_optimizer(OPTIM, v, model)
+            carry_over_state(optimizer, new)
+            optimizer = new
+
+    return step
 
 
 def has_peft_twin(variant: str) -> bool:
@@ -61,10 +94,9 @@ def peft(model: nn.Module, head: tuple[str, ...], variant: str, targets: str, r:
     from peft import get_peft_model
 
     names = find_targets(model, targets, head)
-    config = build_variant({"name": variant, "r": r, "alpha": 2 * r, "targets": targets}).peft_config(
-        names, list(head)
-    )
-    return get_peft_model(model, config)
+    v = build_variant({"name": variant, "r": r, "alpha": 2 * r, "targets": targets})
+    v.on_train_start(model, 10_000)
+    return get_peft_model(model, v.peft_config(names, list(head)))
 
 
 def make_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
@@ -111,9 +143,14 @@ def main() -> None:
     for targets in args.targets.split(","):
         for variant in VARIANTS.names() if args.variants == "all" else args.variants.split(","):
             key = f"{variant}/{targets}"
-            steps[f"ours {key}"] = make_step(ours(copy.deepcopy(base), head, variant, targets, args.r), batch)
+            steps[f"ours {key}"] = ours(copy.deepcopy(base), head, variant, targets, args.r, batch)
             if not args.no_peft and has_peft_twin(variant):
-                steps[f"peft {key}"] = make_step(peft(copy.deepcopy(base), head, variant, targets, args.r), batch)
+                try:
+                    twin = peft(copy.deepcopy(base), head, variant, targets, args.r)
+                except ValueError as e:  # PEFT's own limits (e.g. VB-LoRA's vector length must divide d_in)
+                    print(f"no PEFT row for {key}: {e}")
+                    continue
+                steps[f"peft {key}"] = make_step(twin, batch)
 
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(args.warmup + args.steps):

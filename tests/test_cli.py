@@ -68,8 +68,14 @@ def test_variant_zoo_lists_every_registered_variant(workdir):
         assert name in result.stdout and cls.params_formula in result.stdout and cls.paper in result.stdout
 
 
+def test_the_committed_zoo_page_is_current(workdir):
+    result = lorafactory("--markdown", cwd=workdir, module="lorafactory.variants")
+    committed = (Path(__file__).parents[1] / "docs" / "zoo.md").read_text()
+    assert result.stdout == committed, "docs/zoo.md is stale: python -m lorafactory.variants --markdown > docs/zoo.md"
+
+
 MISTAKES = [
-    (["variant=doraa"], "unknown variant 'doraa'. Did you mean 'dora'? Valid: dora, lora"),
+    (["variant=doraa"], "unknown variant 'doraa'. Did you mean 'dora'? Valid: adalora, allora"),
     (["task=glue/sst3"], "unknown task 'glue/sst3'"),
     (["model=bert-tiny"], "unknown model 'bert-tiny'"),
     (["-m", "variant=lora,doraa"], "unknown variant 'doraa'"),
@@ -124,6 +130,10 @@ def test_user_mistakes_print_one_line(workdir, args, expected):
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], result.stderr
+    if args == TARGET_TYPO[0]:  # found once the model is built, in a run folder that records it (a sweep counts it)
+        [record] = (workdir / "runs").rglob("result.json")
+        assert json.loads(record.read_text())["status"] == "failed"
+        return
     assert not (workdir / "runs").exists(), "a mistake must not leave a run folder behind"
 
 

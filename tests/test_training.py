@@ -32,6 +32,9 @@ class Recording(LoRA):
         self.calls.append(("param_groups", lr))
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr, "name": "recorded"}]
 
+    def on_train_start(self, model, total_steps):
+        self.calls.append(("on_train_start", total_steps))
+
     def aux_loss(self, model):
         self.calls.append(("aux_loss",))
         return torch.zeros((), requires_grad=True) + 0.0
@@ -79,7 +82,7 @@ def fit(resuming: bool = False) -> list[tuple]:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[VariantHooks(variant, lambda: iter(batches[:2]), resuming=resuming), RunStats()],
+        callbacks=[VariantHooks(variant, lambda: iter(batches[:2]), resuming=resuming), RunStats(variant)],
     )
     trainer.fit(module, DataLoader(batches, batch_size=None), DataLoader(batches[:1], batch_size=None))
     return variant.calls
@@ -90,6 +93,7 @@ def test_every_hook_is_called_in_its_place():
     names = [c[0] for c in calls]
     assert calls[0] == ("init_from_data", 2)  # before anything else, with the batches it was given
     assert names[1] == "param_groups" and calls[1][1] == 1e-2  # the optimizer is built from the variant's groups
+    assert calls[2] == ("on_train_start", 6)  # the run's length in optimizer steps, before the first step
     steps = [c for c in calls if c[0] == "on_train_batch_end"]
     assert [s[1] for s in steps] == [1, 2, 3, 4, 5, 6]  # 3 batches × 2 epochs, counted in optimizer steps
     assert names.count("aux_loss") == names.count("on_after_backward") == names.count("on_before_optimizer_step") == 6

@@ -230,7 +230,7 @@ def test_a_few_steps_lower_the_loss(variant, model):
     # A linear probe on a tiny random model's features cannot memorise arbitrary labels (tiny-vit's eight images stop
     # near 0.6 nats whatever the rate): the head alone must cut the loss by a quarter, at a linear probe's rates.
     probe = VARIANTS.get(variant).taxonomy == "baseline" and VARIANTS.get(variant).params_formula == "0"
-    grid, target = ((1e-2, 3e-2, 1e-1), 0.75) if probe else ((3e-3, 1e-2, 3e-2), 0.5)
+    grid, target = ((1e-2, 3e-2, 1e-1), 0.75) if probe else ((3e-3, 1e-2, 3e-2, 1e-1), 0.5)
     tried = {}
     for lr in grid:
         losses = train_steps(variant, model, lr)
@@ -250,10 +250,16 @@ def test_train_and_eval_compute_the_same_function(variant):
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     batch = batch_for(loaded)
+    if VARIANTS.get(variant).noisy_training:  # the training forward perturbs by design: evaluation must be stable
+        torch.testing.assert_close(logits(model_.eval(), batch), logits(model_.eval(), batch))
+        return
     torch.testing.assert_close(logits(model_.train(), batch), logits(model_.eval(), batch))
 
 
-@pytest.mark.parametrize("variant", VARIANTS.names())
+ADAPTERS = [n for n in VARIANTS.names() if VARIANTS.get(n).taxonomy != "baseline"]
+
+
+@pytest.mark.parametrize("variant", ADAPTERS)
 def test_merged_weight_and_two_branch_forms_agree(variant, monkeypatch):
     """Layers may compute with the merged weight (many tokens) or with two branches (few); outputs and gradients
     of every trainable parameter must agree between the two."""

@@ -44,9 +44,11 @@ def with_head_group(
     """`groups` with every parameter that is not the adapter's moved out into one `head` group at `head_lr`
     (variants may have put the head in their own groups); groups left empty are dropped."""
     head = [p for p in model.parameters() if p.requires_grad and id(p) not in adapter]
+    moved = {id(p) for p in head}
     kept = []
     for group in groups:
-        params = [p for p in group["params"] if id(p) in adapter]
+        # Frozen members stay: a group may carry them for its optimizer (LoRA-FA's [A, B] pairs).
+        params = [p for p in group["params"] if id(p) not in moved]
         if params:
             kept.append({**group, "params": params})
     if head:

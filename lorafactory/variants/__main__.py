@@ -9,6 +9,14 @@ import textwrap
 from lorafactory.variants import VARIANTS
 from lorafactory.variants.base import TAXONOMY
 
+MARKDOWN_TITLE = """# The variant zoo
+
+Every registered variant, by taxonomy axis (`python -m lorafactory.variants --markdown > docs/zoo.md` writes this
+page; a test checks it is current). Use one: `python -m lorafactory variant=<variant>`; its file is
+`lorafactory/variants/<variant>.py`, whose docstring gives the update rule and every choice made where the paper is
+ambiguous.
+"""
+
 COLUMNS = ("variant", "axis", "tags", "mergeable", "zero-init", "trainable params / layer", "PEFT")
 
 
@@ -37,10 +45,13 @@ def main() -> None:
     args = parser.parse_args()
     table = rows()
     if args.markdown:
+        print(MARKDOWN_TITLE)
         print("| " + " | ".join(COLUMNS) + " | paper |")
         print("|" + "---|" * (len(COLUMNS) + 1))
         for row in table:
-            print("| " + " | ".join(row) + f" | {VARIANTS.get(row[0]).paper} |")
+            cls = VARIANTS.get(row[0])
+            memory = f" (memory: {cls.memory_note})" if cls.memory_note else ""
+            print("| " + " | ".join(row) + f" | {cls.paper}{memory} |")
         return
     widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(COLUMNS)]
     line = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -48,7 +59,10 @@ def main() -> None:
     print(line.format(*("-" * w for w in widths)))
     for row in table:
         print(line.format(*row))
-        print(textwrap.indent(VARIANTS.get(row[0]).paper, " " * (widths[0] + 2)))
+        cls = VARIANTS.get(row[0])
+        print(textwrap.indent(cls.paper, " " * (widths[0] + 2)))
+        if cls.memory_note:
+            print(textwrap.indent(f"memory: {cls.memory_note}", " " * (widths[0] + 2)))
     print(f"\n{len(table)} variants. Use one: python -m lorafactory variant=<variant>")
 
 
