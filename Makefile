@@ -31,8 +31,8 @@ format:  ## ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench:  ## step time of our adapters vs the frozen model and vs PEFT (MiniLM, 32 × 64 tokens)
-	$(PY) scripts/bench_step.py
+bench:  ## step time of our adapters vs the frozen model and vs PEFT (MiniLM, 32 × 64 tokens), also on an NF4 base
+	$(PY) scripts/bench_step.py --quantize nf4
 
 clean:  ## remove caches and test outputs (keeps runs/ and the virtual environment)
 	rm -rf .pytest_cache .ruff_cache lightning_logs

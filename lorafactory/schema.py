@@ -78,11 +78,19 @@ def run_name(key: str, value: Any) -> None:
         )
 
 
+def quantize_option(key: str, value: Any) -> None:
+    """`model.quantize`: null, a format name, or a mapping of `quantize.QuantizeConfig`'s fields."""
+    from lorafactory.quantize import QuantizeConfig
+
+    QuantizeConfig.parse(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+
+
 RULES: dict[str, Callable[[str, Any], None]] = {
     "name": run_name,
     "seed": integer(0),
     "save_adapter": boolean,
     "threads": integer(1, optional=True),
+    "model.quantize": quantize_option,
     "task.lr": number(0, above=True),
     "task.epochs": integer(1),
     "task.max_steps": integer(1, optional=True),
@@ -127,7 +135,11 @@ def validate(cfg: DictConfig) -> None:
         )
     if _get(cfg, "model.builder") == "hub" and (OmegaConf.is_missing(cfg.model, "id") or not cfg.model.get("id")):
         raise ConfigError("model=hub needs a Hub id: add model.id=<id>, e.g. model.id=FacebookAI/roberta-base")
-    build_variant(cfg.variant)
+    variant = build_variant(cfg.variant)
+    if variant.quantized_base and OmegaConf.select(cfg, "model.quantize", default=None):
+        from lorafactory.quantize import refusal
+
+        raise refusal(variant.name, variant.quantized_base)
     _check_accelerator(str(_get(cfg, "trainer.accelerator")))
 
 

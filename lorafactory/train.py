@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lorafactory.errors import Diverged, UserError
 from lorafactory.models import MODELS, build_model, unfreeze
+from lorafactory.quantize import parameter_count
 from lorafactory.results.record import RECORD_NAME, RunRecord, read_record, write_record
 from lorafactory.runlock import RunLock
 from lorafactory.schema import validate
@@ -97,7 +98,7 @@ def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any], t0: float) -> R
     variant = build_variant(cfg.variant)
     loaded = build_model(cfg.model, task.num_labels, task_head=cfg.task.get("train_in_full") or ())
     model = loaded.module
-    total_params = sum(p.numel() for p in model.parameters())
+    total_params = parameter_count(model)  # a base stored quantized (model.quantize) counts its weights' values
     variant.adapt(model, head=loaded.head)
     unfreeze(model, loaded.head)
     model.train()  # from_pretrained returns eval mode; fine-tuning keeps the base model's dropout, as usual

@@ -2,6 +2,7 @@
 
     python scripts/bench_step.py                               # MiniLM, 32 × 64 tokens, lora+dora, attn+all-linear
     python scripts/bench_step.py --model tiny-bert --steps 10    # quick check
+    python scripts/bench_step.py --quantize nf4 --variants lora  # adds rows on a base stored in NF4 (model.quantize)
 
 "Frozen" is the cost no adapter can avoid: the same model with every weight frozen but the task head, and the
 gradient carried back through every layer to the embeddings (as PEFT's `enable_input_require_grads` does). A step is
@@ -26,7 +27,7 @@ from torch import nn
 from lorafactory.models import build_model, unfreeze
 from lorafactory.training.optim import build_optimizer, carry_over_state
 from lorafactory.variants import VARIANTS, build_variant
-from lorafactory.variants.base import find_targets, freeze
+from lorafactory.variants.base import find_targets, freeze, replace_module
 
 OPTIM = OmegaConf.create(
     {"lr": 1e-5, "weight_decay": 0.0, "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True}}
@@ -90,13 +91,47 @@ def has_peft_twin(variant: str) -> bool:
 
 
 def peft(model: nn.Module, head: tuple[str, ...], variant: str, targets: str, r: int) -> nn.Module:
-    """PEFT's same method with the same settings (`Variant.peft_config`)."""
+    """PEFT's same method with the same settings (`Variant.peft_config`). A quantization variant's twin is PEFT's
+    LoRA on bitsandbytes' `Linear4bit` targets (NF4, as ours), whatever the init: LoftQ's needs a GPU in PEFT, and the
+    init is not timed."""
     from peft import get_peft_model
 
     names = find_targets(model, targets, head)
     v = build_variant({"name": variant, "r": r, "alpha": 2 * r, "targets": targets})
     v.on_train_start(model, 10_000)
-    return get_peft_model(model, v.peft_config(names, list(head)))
+    config = v.peft_config(names, list(head))
+    if "quantization" in v.tags:
+        to_4bit(model, names, getattr(v.cfg, "double_quant", True))
+        config.init_lora_weights = True
+    return get_peft_model(model, config)
+
+
+def to_4bit(model: nn.Module, names: list[str], double_quant: bool) -> None:
+    """Replace the named linears by bitsandbytes' NF4 `Linear4bit` (float32 compute), as transformers loads a 4-bit
+    model; PEFT then wraps them with its bitsandbytes LoRA layer."""
+    import bitsandbytes as bnb
+
+    for name in names:
+        linear = model.get_submodule(name)
+        q = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=torch.float32,
+            compress_statistics=double_quant,
+            quant_type="nf4",
+        )
+        q.weight = bnb.nn.Params4bit(
+            linear.weight.data.clone(),
+            requires_grad=False,
+            compress_statistics=double_quant,
+            quant_type="nf4",
+            blocksize=64,
+        )
+        if linear.bias is not None:
+            q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        replace_module(model, name, q.to("cpu"))  # `.to` quantizes the Params4bit
+    model.is_loaded_in_4bit = True
 
 
 def make_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
@@ -125,6 +160,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-peft", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quantize", default=None, help="also time ours on a base stored in this format (nf4)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -152,6 +188,19 @@ def main() -> None:
                     continue
                 steps[f"peft {key}"] = make_step(twin, batch)
 
+    if args.quantize:  # every linear layer outside the head stored quantized, as QLoRA does
+        cfg = OmegaConf.create(
+            {**MODEL_CONFIGS[args.model], "quantize": {"format": args.quantize, "layers": "all-linear"}}
+        )
+        qbase = build_model(cfg, num_labels=2).module
+        steps[f"frozen {args.quantize}"] = make_step(frozen(copy.deepcopy(qbase), head), batch)
+        for targets in args.targets.split(","):
+            for variant in VARIANTS.names() if args.variants == "all" else args.variants.split(","):
+                if VARIANTS.get(variant).quantized_base:  # it quantizes its targets itself, or cannot (full)
+                    continue
+                step = ours(copy.deepcopy(qbase), head, variant, targets, args.r, batch)
+                steps[f"ours {variant}/{targets} {args.quantize}"] = step
+
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(args.warmup + args.steps):
         for name, step in steps.items():
@@ -165,11 +214,11 @@ def main() -> None:
         f"{args.model}, batch {args.batch} × {args.seq} tokens, r={args.r}, {torch.get_num_threads()} threads, "
         f"median of {args.steps} steps"
     )
-    print(f"{'configuration':<26} {'ms/step':>9} {'× frozen':>9} {'× PEFT':>8}")
+    print(f"{'configuration':<30} {'ms/step':>9} {'× frozen':>9} {'× PEFT':>8}")
     for name, t in median.items():
         peer = name.replace("ours", "peft")
         vs_peft = f"{t / median[peer]:.2f}" if name.startswith("ours") and peer in median else ""
-        print(f"{name:<26} {1000 * t:9.1f} {t / median['frozen']:9.2f} {vs_peft:>8}")
+        print(f"{name:<30} {1000 * t:9.1f} {t / median['frozen']:9.2f} {vs_peft:>8}")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lorafactory.errors import ConfigError, UserError
+from lorafactory.quantize import quantize_model_
 from lorafactory.registry import Registry
 from lorafactory.targets import HEAD_NAMES, matches
 
@@ -55,7 +57,10 @@ def build_model(cfg: Any, num_labels: int, task_head: Sequence[str] = ()) -> Loa
 
     Pretrained modules can join the head (trained in full, never adapted): `cfg.train_in_full` names them for this
     model and must match; `task_head` is the task's wish (`task.train_in_full`), which cannot know the model, so
-    names the model lacks are skipped (a Llama has no BERT pooler)."""
+    names the model lacks are skipped (a Llama has no BERT pooler).
+
+    `cfg.quantize` (null, `nf4`, or a mapping, see `lorafactory.quantize.QuantizeConfig`) stores the frozen weights of
+    the variant's targets, or of every linear layer outside the head, in 4-bit NF4."""
     loaded = MODELS.get(cfg.builder).build(cfg, num_labels)
     required = tuple(cfg.get("train_in_full") or ())
     names = [n for n, _ in loaded.module.named_modules() if n]
@@ -70,6 +75,11 @@ def build_model(cfg: Any, num_labels: int, task_head: Sequence[str] = ()) -> Loa
             )
         extra.update(found)
     loaded.head = tuple(sorted({*loaded.head, *extra}))
+    if cfg.get("quantize"):
+        # `layers: targets` (the default) follows variant.targets of the composed config this node belongs to.
+        has_root = isinstance(cfg, DictConfig) and cfg._get_parent() is not None
+        targets = OmegaConf.select(cfg, "..variant.targets", default=None) if has_root else None
+        quantize_model_(loaded.module, cfg.quantize, loaded.head, targets)
     return loaded
 
 

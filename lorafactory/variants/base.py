@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from lorafactory import quantize
 from lorafactory.errors import ConfigError, check
 from lorafactory.registry import Registry
 from lorafactory.targets import HEAD_NAMES, TARGET_PRESETS, find_targets, in_head, matches, module_kind
@@ -97,7 +98,9 @@ class AdapterLayer(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The frozen base weight W0 as a d_out × d_in matrix, sharing its storage (merged: W0 + ΔW)."""
+        """The frozen base weight W0 as a d_out × d_in matrix, sharing its storage (merged: W0 + ΔW). On a quantized
+        base (`lorafactory.quantize`) it is the dequantized matrix, computed on each access: change it with
+        `write_weight`, never in place."""
         weight = self.base.weight
         return weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
 
@@ -106,12 +109,18 @@ class AdapterLayer(nn.Module):
         return self.base.bias
 
     def base_forward(self, x: Tensor) -> Tensor:
-        """The frozen layer on linear-form input (..., d_in)."""
+        """The frozen layer on linear-form input (..., d_in); a quantized base dequantizes in the forward and again in
+        the backward rather than keep its full-precision weight alive in between."""
+        if quantize.is_quantized(self.base):
+            return quantize.quantized_linear(x, self.base)
         return nn.functional.linear(x, self.weight, self.bias)
 
     @torch.no_grad()
     def write_weight(self, matrix: Tensor) -> None:
-        """Overwrite the base weight with a d_out × d_in matrix (in the weight's own shape and dtype)."""
+        """Overwrite the base weight with a d_out × d_in matrix (in the weight's own shape and dtype). A quantized base
+        is dequantized first and stays in full precision (logged): what is written is kept exactly, so a merge into
+        it is exact. Variants that keep a quantized base use `lorafactory.quantize.install_`."""
+        quantize.dequantize_(self.base, why=f"{type(self).__name__} wrote its base weight (merge or init)")
         weight = self.base.weight
         weight.copy_(matrix.reshape(weight.shape).to(weight.dtype))
 
@@ -141,6 +150,7 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        """Fold ΔW into the base weight. A quantized base becomes full precision (see `write_weight`)."""
         if self.merged:
             return
         weight = self.weight
@@ -225,6 +235,9 @@ class Variant:
     memory_note: ClassVar[str | None] = None
     """Training memory beyond the trainable parameters and their Adam moments, when it matters (LoRA-Pro's full-size
     moments), shown in the zoo listing."""
+    quantized_base: ClassVar[str | None] = None
+    """Why the variant cannot run on a base already stored quantized (`model.quantize`), or None when it can: config
+    validation and `adapt` then refuse in one line (`quantize.refusal`)."""
 
     def __init__(self, cfg: VariantConfig):
         self.cfg = cfg
@@ -249,6 +262,7 @@ class Variant:
 
     def adapt(self, model: nn.Module, head: Sequence[str] = HEAD_NAMES) -> nn.Module:
         """Freeze `model` and replace each target module with this variant's adapter layer, in place."""
+        self.check_base(model)
         names = find_targets(model, self.cfg.targets, head)
         if not self.mergeable:
             convs = [n for n in names if module_kind(model.get_submodule(n)) in ("conv", "depthwise")]
@@ -262,6 +276,11 @@ class Variant:
         for name in names:
             replace_module(model, name, self.make_layer(model.get_submodule(name)))
         return model
+
+    def check_base(self, model: nn.Module) -> None:
+        """Refuse, in one line, a model stored quantized when the variant cannot run on one (`quantized_base`)."""
+        if self.quantized_base and any(quantize.is_quantized(m) for m in model.modules()):
+            raise quantize.refusal(self.name, self.quantized_base)
 
     def peft_config(self, targets: list[str], head: list[str]) -> Any | None:
         """PEFT's config for the same method and settings (a `peft.PeftConfig`), or None when PEFT lacks the method.

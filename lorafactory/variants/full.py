@@ -34,8 +34,10 @@ class Full(Variant):
     tags = ("ceiling",)
     params_formula = "every pretrained weight"
     memory_note = "gradients and Adam moments for every weight: ~3× the model's size on top of it"
+    quantized_base = "it trains every pretrained weight, and 4-bit codes cannot be trained"
 
     def adapt(self, model: nn.Module, head: Sequence[str] = HEAD_NAMES) -> nn.Module:
+        self.check_base(model)
         self._head = tuple(head)
         for name, param in model.named_parameters():
             param.requires_grad_(not in_head(name, head))  # the recipe unfreezes the head itself
