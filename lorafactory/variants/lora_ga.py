@@ -180,6 +180,7 @@ class LoRAGA(LoRA):
     taxonomy = "initialization"
     tags = ("svd", "gradient")
     peft = 'LoraConfig(init_lora_weights="lora_ga") + preprocess_loraga'
+    quantized_base = "its init needs the full-precision gradient of every target weight W0 and rewrites W0"
     memory_note = "init only: one fp32 d_out×d_in gradient sum per adapted layer in host memory"
 
     def make_layer(self, base: nn.Module) -> LoRAGALinear:

@@ -89,6 +89,7 @@ class LoRASB(Variant):
     )
     taxonomy = "initialization"
     tags = ("gradient",)
+    quantized_base = "its init needs the full-precision gradient of every target weight W0"
     zero_init = False
     params_formula = "r²"
     memory_note = "init only: one fp32 d_out×d_in gradient sum per adapted layer in host memory"

@@ -223,8 +223,9 @@ def test_model_quantize_leaves_kxk_convolutions_in_full_precision(caplog):
     assert "stay in full precision (stem" in caplog.text
 
 
-# The variants that quantize their targets themselves (they need W0), and full fine-tuning (codes cannot train).
-REFUSE = {"full", "loftq", "lq_lora", "qwha"}
+# The variants that quantize their targets themselves or initialise from the gradient of W0 (they need W0), and full
+# fine-tuning (codes cannot train).
+REFUSE = {"full", "loftq", "lq_lora", "qwha", "lora_ga", "lora_sb"}
 
 
 def test_the_variants_that_cannot_use_a_quantized_base_say_why():
