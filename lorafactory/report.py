@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lorafactory.errors import UserError
 from lorafactory.results.aggregate import METRICS, Leaderboard, Runs, aggregate, load_runs
-from lorafactory.results.plots import make_plots
+from lorafactory.results.plots import make_plots, rank_maps
 from lorafactory.results.record import RECORD_NAME
 from lorafactory.results.render import csv_text, html_page, latex, markdown, status_text, text_summary
 from lorafactory.results.status import SweepStatus, sweep_status
@@ -72,7 +72,7 @@ def write_report(board: Leaderboard, runs: Runs, status: SweepStatus, out: Path)
     """Write the tables, the plots and index.html into `out`; return the files written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        plots = make_plots(board, out)
+        plots = make_plots(board, out) + rank_maps(board, runs, out)
         pages = {
             "leaderboard.md": markdown(board),
             "leaderboard.csv": csv_text(board),

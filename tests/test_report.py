@@ -249,3 +249,23 @@ def test_help_describes_the_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert all(option in text for option in ("--out", "--metric", "--status", "final", "best"))
+
+
+def test_budgeting_variants_get_the_rank_map_of_their_chosen_run(tmp_path: Path) -> None:
+    from lorafactory.results.aggregate import aggregate, load_runs
+    from lorafactory.results.plots import rank_maps
+
+    sweep = tmp_path / "runs" / "budget"
+    ranks = {  # (lr, seed): the allocation that run ended with
+        ("1e-4", 0): {"encoder.layer.0.attention.self.query": 1, "encoder.layer.1.attention.self.query": 2},
+        ("3e-4", 0): {"encoder.layer.0.attention.self.query": 4, "encoder.layer.1.attention.self.query": 0},
+        ("3e-4", 1): {"encoder.layer.0.attention.self.query": 3, "encoder.layer.1.attention.self.query": 3},
+    }
+    for (lr, seed), allocation in ranks.items():
+        value = 0.9 if lr == "3e-4" else 0.7
+        write_run(sweep, "lora", "toy/acc", lr, seed, value, variant_summary={"ranks": allocation})
+    write_run(sweep, "pissa", "toy/acc", "1e-4", 0, 0.8)  # no ranks in its summary: no map
+    runs = load_runs(sweep)
+    [plot] = rank_maps(aggregate(runs), runs, tmp_path / "out")
+    assert plot.kind == "ranks" and plot.path.is_file() and plot.path.read_bytes().startswith(b"\x89PNG")
+    assert "lora's rank allocation at lr 3e-4, seed 0: 4 ranks in 2 modules" in plot.title

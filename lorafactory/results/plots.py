@@ -17,7 +17,8 @@ matplotlib.use("Agg")  # files only: no display, and no GUI toolkit to import
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
-from lorafactory.results.aggregate import AXES, Leaderboard, axis_position, format_lr  # noqa: E402
+from lorafactory.results.aggregate import AXES, Leaderboard, Runs, axis_position, format_lr  # noqa: E402
+from lorafactory.results.record import RECORD_NAME, read_record  # noqa: E402
 
 
 def format_count(value: float) -> str:
@@ -35,7 +36,7 @@ ARROWS = {"max": "↑", "min": "↓"}
 @dataclass(frozen=True)
 class Plot:
     kind: str
-    """`lr` (metric vs learning rate) or `params` (metric vs adapter parameters)."""
+    """`lr` (metric vs learning rate), `params` (metric vs adapter parameters) or `ranks` (a rank allocation)."""
     model: str
     task: str
     title: str
@@ -167,3 +168,33 @@ def _metric_label(board: Leaderboard, model: str, task: str) -> str:
 
 def _file_name(kind: str, model: str, task: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{kind}-{model}-{task}") + ".png"
+
+
+def rank_maps(board: Leaderboard, runs: Runs, out_dir: str | os.PathLike) -> list[Plot]:
+    """For every rank-budgeting variant of the leaderboard (its record's summary has `ranks`): the heat map of the
+    ranks its run at the chosen learning rate ended with (the lowest seed), one figure per (model, task, variant)."""
+    from lorafactory.results.ranks import plot_ranks
+
+    out_dir = Path(out_dir)
+    plots = []
+    ok = runs.ok
+    for cell in board.cells.itertuples():
+        chosen = ok[
+            (ok["model"] == cell.model)
+            & (ok["task"] == cell.task)
+            & (ok["variant"] == cell.variant)
+            & (ok["lr"] == cell.lr)
+        ].sort_values("seed")
+        if chosen.empty:
+            continue
+        record = read_record(Path(chosen.iloc[0]["path"]) / RECORD_NAME)
+        ranks = (record.variant_summary or {}).get("ranks")
+        if not ranks:
+            continue
+        title = (
+            f"{cell.task} ({cell.model}): {cell.variant}'s rank allocation at lr {format_lr(cell.lr)}, seed "
+            f"{record.seed}: {sum(ranks.values())} ranks in {len(ranks)} modules"
+        )
+        path = out_dir / _file_name(f"ranks-{cell.variant}", cell.model, cell.task)
+        plots.append(Plot("ranks", cell.model, cell.task, title, plot_ranks(ranks, path, title)))
+    return plots

@@ -295,7 +295,8 @@ def _html_plots(plots: list[Plot]) -> str:
     out = [
         '<h2 id="plots">Plots</h2>',
         "<p>Learning-rate sensitivity: mean ± std over seeds at each learning rate; the circled point is the "
-        "learning rate chosen for the table. Parameters: each variant at its best learning rate.</p>",
+        "learning rate chosen for the table. Parameters: each variant at its best learning rate. Rank allocations: "
+        "the ranks a budgeting variant's modules ended with (transformer layers down, modules across).</p>",
     ]
     for plot in plots:
         data = base64.b64encode(Path(plot.path).read_bytes()).decode("ascii")
