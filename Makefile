@@ -31,8 +31,9 @@ format:  ## ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench:  ## step time of our adapters vs the frozen model and vs PEFT (MiniLM, 32 × 64 tokens), also on an NF4 base
-	$(PY) scripts/bench_step.py --quantize nf4
+bench:  ## step time of every variant vs the frozen model and vs PEFT (MiniLM, 32 × 64 tokens), then on an NF4 base
+	$(PY) scripts/bench_step.py --variants all --targets all-linear --steps 20
+	$(PY) scripts/bench_step.py --variants lora,qlora,loftq,lq_lora,qwha --targets all-linear --quantize nf4
 
 clean:  ## remove caches and test outputs (keeps runs/ and the virtual environment)
 	rm -rf .pytest_cache .ruff_cache lightning_logs
