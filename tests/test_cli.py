@@ -48,6 +48,22 @@ def test_one_run_trains_evaluates_and_records(workdir):
     assert json.loads(record_path.read_text()) == record  # untouched
 
 
+@pytest.mark.parametrize("model", ["tiny-cnn", "tiny-vit"])
+def test_an_image_task_runs_end_to_end(workdir, model):
+    """Images from a mirror in the Hub layout, preprocessed to the model's input, trained with the variant's default
+    targets for the model (1×1 convolutions on a conv net, attention on a ViT), evaluated and recorded."""
+    args = [f"model={model}", "task=vision/fashion_mnist", "task.max_train_samples=40", "trainer.progress_bar=false"]
+    result = lorafactory(*args, "task.augment=true", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    [record_path] = (workdir / "runs" / "default" / model / "vision" / "fashion_mnist" / "lora").glob("*/result.json")
+    record = json.loads(record_path.read_text())
+    assert record["status"] == "ok" and record["primary_metric"] == "accuracy" and record["direction"] == "max"
+    assert 0.0 <= record["final_metric"] <= 1.0 and record["eval_samples"] == 24 and record["train_samples"] == 40
+    assert record["chance_metric"] == 3 / 24  # the fake test split: classes 0-3 three times, the others twice
+    assert record["config"]["variant"]["targets"] == ("pointwise" if model == "tiny-cnn" else "attn")
+    assert record["adapter_params"] > 0 and record["trainable_params"] > record["adapter_params"]
+
+
 def test_carved_task_is_marked_in_its_record(workdir):
     result = lorafactory(*TINY_RUN, "task=glue/qnli", cwd=workdir)
     assert result.returncode == 0, result.stderr
@@ -95,6 +111,15 @@ MISTAKES = [
     (["name=../../x"], "name must be a folder name under paths.runs"),
     (["model=hub"], "model=hub needs a Hub id: add model.id=<id>"),
     (["model=tiny-vit"], "model tiny-vit takes vision input; task glue/sst2 is a text task"),
+    (["task=vision/fashion_mnist"], "model tiny-bert takes text input; task vision/fashion_mnist is a vision task"),
+    (["model=tiny-cnn", "task=vision/fashion_mnist", "task.labels=[a]"], "task.labels must list at least two"),
+    (["model=tiny-cnn", "task=vision/fashion_mnist", "task.labels=[a,a]"], "task.labels must list at least two"),
+    (["model=tiny-cnn", "task=vision/fashion_mnist", "task.augment=often"], "task.augment must be true or false"),
+    (["model=tiny-cnn", "task=vision/fashion_mnist", "task.eval_split=null"], "task.eval_split must be a non-empty"),
+    (["model=efficientnet-lite0", "task=vision/fashion_mnist", "model.image_size=4"], "model.image_size must be an"),
+    (["model=efficientnet-lite0", "model.drop_connect_rate=1.5"], "model.drop_connect_rate must be a number >= 0"),
+    (["model=hub", "model.id=x", "model.modality=audio"], "model.modality must be one of text, vision, got 'audio'"),
+    (["model=hub", "model.id=x", "model.modality=vision"], "model x takes vision input; task glue/sst2 is a text"),
 ]
 if not torch.cuda.is_available():
     MISTAKES.append((["trainer=gpu"], "trainer=gpu) needs a CUDA GPU and this machine has none"))
