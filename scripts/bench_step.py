@@ -5,6 +5,7 @@ for vision models also inference with the adapters merged vs the base model.
     python scripts/bench_step.py --model efficientnet-lite0        # 32 images at its default size, pointwise convs
     python scripts/bench_step.py --model tiny-bert --steps 10      # quick check
     python scripts/bench_step.py --model efficientnet-lite0 --threads 1 --clock cpu   # on a machine others load
+    python scripts/bench_step.py --model efficientnet-lite0 --set channels_last=false  # a model config field
 
 "Frozen" is the cost no adapter can avoid: the same model with every weight frozen but the task head, and the
 gradient carried back through every layer to the input (as PEFT's `enable_input_require_grads` does). A step is
@@ -118,13 +119,16 @@ def main() -> None:
     parser.add_argument("--no-peft", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a model config field")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     torch.manual_seed(0)
 
-    model_cfg = OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml")
+    model_cfg = OmegaConf.merge(
+        OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml"), OmegaConf.from_dotlist(args.set)
+    )
     loaded = build_model(model_cfg, num_labels=2)
     base, head, vision = loaded.module, loaded.head, loaded.modality == "vision"
     batch = make_batch(loaded, args.batch, args.seq)
@@ -162,7 +166,7 @@ def main() -> None:
     shape = f"{batch['pixel_values'].shape[-1]} px" if vision else f"{args.seq} tokens"
     print(
         f"{args.model}, batch {args.batch} × {shape}, r={args.r}, {torch.get_num_threads()} threads, "
-        f"median {args.clock} time of {args.steps} steps"
+        f"median {args.clock} time of {args.steps} steps{''.join(f', {s}' for s in args.set)}"
     )
     print(f"{'configuration':<30} {'ms/step':>9} {'× frozen':>9} {'× PEFT':>8} {'× base':>7}")
     for name, t in median.items():
