@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from lorafactory.errors import UnknownNameError
 
@@ -21,9 +22,12 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_./-]*$")
 class Registry(Generic[T]):
     """name -> object, with optional config dataclass stored in Hydra's ConfigStore under `group`."""
 
-    def __init__(self, kind: str, group: str | None = None):
+    def __init__(self, kind: str, group: str | None = None, node_values: dict[str, Any] | None = None):
         self.kind = kind
         self.group = group
+        self.node_values = node_values or {}
+        """Values the stored config nodes take instead of the dataclass defaults (interpolations into the rest of the
+        config: a variant's `targets` default to the model's)."""
         self._items: dict[str, T] = {}
         self._configs: dict[str, type] = {}
 
@@ -40,7 +44,10 @@ class Registry(Generic[T]):
                 if self.group is not None:
                     # The stored node is a config instance with its `name` filled in, so `variant=dora` composes to a
                     # typed DoRAConfig whose overrides Hydra type-checks.
-                    ConfigStore.instance().store(group=self.group, name=name, node=config(name=name))
+                    node = OmegaConf.structured(config(name=name))
+                    for key, value in self.node_values.items():
+                        node[key] = value
+                    ConfigStore.instance().store(group=self.group, name=name, node=node)
             return obj
 
         return decorator

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lorafactory.errors import ConfigError
@@ -70,6 +70,25 @@ def one_of(*choices: str) -> Callable[[str, Any], None]:
     return rule
 
 
+def text(optional: bool = False) -> Callable[[str, Any], None]:
+    """A non-empty string (a column, a split, a dataset)."""
+
+    def rule(key: str, value: Any) -> None:
+        if value is None and optional:
+            return
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{key} must be a non-empty name{' (or null)' if optional else ''}, got {value!r}")
+
+    return rule
+
+
+def class_names(key: str, value: Any) -> None:
+    """At least two distinct class names, in the order of the model's outputs."""
+    names = list(value) if isinstance(value, ListConfig | list | tuple) else None
+    if names is None or len(names) < 2 or len(set(map(str, names))) != len(names):
+        raise ConfigError(f"{key} must list at least two distinct class names, e.g. {key}=[cat,dog], got {value!r}")
+
+
 def run_name(key: str, value: Any) -> None:
     if not isinstance(value, str) or not _NAME.match(value) or ".." in value.split("/"):
         raise ConfigError(
@@ -99,6 +118,18 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "task.max_length": integer(8),
     "task.max_train_samples": integer(1, optional=True),
     "task.max_eval_samples": integer(1, optional=True),
+    "task.dataset": text(),
+    "task.image_column": text(),
+    "task.label_column": text(),
+    "task.labels": class_names,
+    "task.train_split": text(optional=True),
+    "task.eval_split": text(),
+    "task.augment": boolean,
+    "model.modality": one_of("text", "vision"),
+    "model.image_size": integer(8),
+    "model.dropout": number(0, 1),
+    "model.drop_connect_rate": number(0, 1),
+    "model.channels_last": boolean,
     "optim.lr": number(0, above=True),
     "optim.lr_scale": number(0, above=True),
     "optim.weight_decay": number(0),
@@ -119,19 +150,21 @@ RULES: dict[str, Callable[[str, Any], None]] = {
 
 def validate(cfg: DictConfig) -> None:
     """Raise a ConfigError naming the first impossible value in the composed config (variant fields included)."""
-    from lorafactory.models import MODELS
-    from lorafactory.tasks import TASKS
+    from lorafactory.models import MODELS, model_modality
+    from lorafactory.tasks import get_task
     from lorafactory.variants.base import build_variant
 
     for key, rule in RULES.items():
         if OmegaConf.select(cfg, key, default="__absent__") == "__absent__":
             continue  # a config without the key (tests compose partial configs); the consumer decides
         rule(key, _get(cfg, key))
-    task = TASKS.get(_get(cfg, "task.name"))
-    model = MODELS.get(_get(cfg, "model.builder"))
-    if model.modality != task.modality:
+    _get(cfg, "task.name")
+    task = get_task(cfg.task)
+    MODELS.get(_get(cfg, "model.builder"))
+    modality = model_modality(cfg.model)
+    if modality != task.modality:
         raise ConfigError(
-            f"model {_get(cfg, 'model.name')} takes {model.modality} input; task {task.name} is a {task.modality} task"
+            f"model {_get(cfg, 'model.name')} takes {modality} input; task {task.name} is a {task.modality} task"
         )
     if _get(cfg, "model.builder") == "hub" and (OmegaConf.is_missing(cfg.model, "id") or not cfg.model.get("id")):
         raise ConfigError("model=hub needs a Hub id: add model.id=<id>, e.g. model.id=FacebookAI/roberta-base")

@@ -22,12 +22,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from lorafactory.errors import Diverged, UserError
-from lorafactory.models import MODELS, build_model, unfreeze
+from lorafactory.models import build_model, model_modality, unfreeze
 from lorafactory.quantize import parameter_count
 from lorafactory.results.record import RECORD_NAME, RunRecord, read_record, write_record
 from lorafactory.runlock import RunLock
 from lorafactory.schema import validate
-from lorafactory.tasks import TASKS
+from lorafactory.tasks import get_task
 from lorafactory.tasks.data import resolve_data_dir
 from lorafactory.training.callbacks import (
     DataProgress,
@@ -89,12 +89,10 @@ def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any], t0: float) -> R
         torch.set_num_threads(int(cfg.threads))
 
     # What to train: task, model and variant.
-    task = TASKS.get(cfg.task.name)
-    entry = MODELS.get(cfg.model.builder)
-    if entry.modality != task.modality:
-        raise UserError(
-            f"model {cfg.model.name} takes {entry.modality} input; task {task.name} is a {task.modality} task"
-        )
+    task = get_task(cfg.task)
+    modality = model_modality(cfg.model)
+    if modality != task.modality:
+        raise UserError(f"model {cfg.model.name} takes {modality} input; task {task.name} is a {task.modality} task")
     variant = build_variant(cfg.variant)
     loaded = build_model(cfg.model, task.num_labels, task_head=cfg.task.get("train_in_full") or ())
     model = loaded.module
@@ -207,7 +205,10 @@ def _logger(cfg: DictConfig, run_dir: Path, resume: Path | None) -> Any:
 def _identity(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """Everything a record says about a run before it trains (so failed runs are described too)."""
     variant_cls = VARIANTS.get(cfg.variant.name) if cfg.variant.name in VARIANTS else None
-    task = TASKS.get(cfg.task.name) if cfg.task.name in TASKS else None
+    try:
+        task = get_task(cfg.task)
+    except UserError:  # an unknown task or impossible task fields: the failure this record describes
+        task = None
     try:
         config = OmegaConf.to_container(cfg, resolve=True)
         lr = float(cfg.optim.lr)

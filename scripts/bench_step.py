@@ -1,15 +1,21 @@
-"""Median training-step time of our adapters vs the frozen model's forward+backward and vs PEFT, in one process.
+"""Median training-step time of our adapters vs the frozen model's forward+backward and vs PEFT, in one process;
+for vision models also inference with the adapters merged vs the base model.
 
-    python scripts/bench_step.py                               # MiniLM, 32 × 64 tokens, lora+dora, attn+all-linear
-    python scripts/bench_step.py --model tiny-bert --steps 10    # quick check
-    python scripts/bench_step.py --quantize nf4 --variants lora  # adds rows on a base stored in NF4 (model.quantize)
+    python scripts/bench_step.py                                   # MiniLM, 32 × 64 tokens, lora+dora, attn+all-linear
+    python scripts/bench_step.py --model efficientnet-lite0        # 32 images at its default size, pointwise convs
+    python scripts/bench_step.py --model tiny-bert --steps 10      # quick check
+    python scripts/bench_step.py --model efficientnet-lite0 --threads 1 --clock cpu   # on a machine others load
+    python scripts/bench_step.py --model efficientnet-lite0 --set channels_last=false  # a model config field
+    python scripts/bench_step.py --quantize nf4 --variants lora,qlora  # adds rows on a base stored in NF4
 
 "Frozen" is the cost no adapter can avoid: the same model with every weight frozen but the task head, and the
-gradient carried back through every layer to the embeddings (as PEFT's `enable_input_require_grads` does). A step is
+gradient carried back through every layer to the input (as PEFT's `enable_input_require_grads` does). A step is
 forward, backward, optimizer step and zero_grad; ours with every hook the training loop calls and the variant's own
 optimizer (PEFT's twin runs plain AdamW: its special optimizers, e.g. LoRA-FA's, cost the same per step). The
-configurations are timed round-robin, one step each in turn, so drifts in machine load hit them all alike; the table
-shows the median of `--steps` steps per configuration.
+configurations are timed round-robin, one step each in turn, so
+drifts in machine load hit them all alike; the table shows the median of `--steps` steps per configuration.
+`--clock cpu` times the process's CPU time instead of the wall clock: with one thread, what a step costs however many
+other processes share the cores (with several threads it would count their spin-waits too).
 """
 
 from __future__ import annotations
@@ -24,37 +30,34 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from lorafactory.models import build_model, unfreeze
+from lorafactory.config import CONF_DIR, group_options
+from lorafactory.models import LoadedModel, build_model, unfreeze
 from lorafactory.training.optim import build_optimizer, carry_over_state
 from lorafactory.variants import VARIANTS, build_variant
-from lorafactory.variants.base import find_targets, freeze, replace_module
+from lorafactory.variants.base import find_targets, freeze, merge_and_unload, replace_module
 
 OPTIM = OmegaConf.create(
     {"lr": 1e-5, "weight_decay": 0.0, "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True}}
 )
 
-MODEL_CONFIGS = {
-    "minilm-l6": {"name": "minilm-l6", "builder": "minilm-l6"},
-    "tiny-bert": {
-        "name": "tiny-bert",
-        "builder": "tiny-bert",
-        "hidden_size": 32,
-        "num_layers": 2,
-        "num_heads": 2,
-        "intermediate_size": 64,
-        "init_seed": 0,
-    },
-}
+MODELS = [m for m in group_options("model") if m != "hub"]
 
 
-def frozen(model: nn.Module, head: tuple[str, ...]) -> nn.Module:
+def frozen(model: nn.Module, head: tuple[str, ...], modality: str) -> nn.Module:
     freeze(model)
     unfreeze(model, head)
-    model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    if modality == "text":  # vision batches carry the input gradient themselves (`make_step`)
+        model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
     return model
 
 
-def ours(
+def ours(model: nn.Module, head: tuple[str, ...], variant: str, targets: str, r: int) -> nn.Module:
+    build_variant({"name": variant, "r": r, "alpha": 2 * r, "targets": targets}).adapt(model, head=head)
+    unfreeze(model, head)
+    return model
+
+
+def our_step(
     model: nn.Module, head: tuple[str, ...], variant: str, targets: str, r: int, batch: dict[str, torch.Tensor]
 ) -> Callable[[], None]:
     """Our training step as the recipe runs it: the variant's optimizer and parameter groups, its data-driven
@@ -91,9 +94,7 @@ def has_peft_twin(variant: str) -> bool:
 
 
 def peft(model: nn.Module, head: tuple[str, ...], variant: str, targets: str, r: int) -> nn.Module:
-    """PEFT's same method with the same settings (`Variant.peft_config`). A quantization variant's twin is PEFT's
-    LoRA on bitsandbytes' `Linear4bit` targets (NF4, as ours), whatever the init: LoftQ's needs a GPU in PEFT, and the
-    init is not timed."""
+    """PEFT's same method with the same settings (`Variant.peft_config`)."""
     from peft import get_peft_model
 
     names = find_targets(model, targets, head)
@@ -134,13 +135,16 @@ def to_4bit(model: nn.Module, names: list[str], double_quant: bool) -> None:
     model.is_loaded_in_4bit = True
 
 
-def make_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+def make_step(model: nn.Module, batch: dict[str, torch.Tensor], input_grad: bool = False) -> Callable[[], None]:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
 
     def step() -> None:
-        loss = model(**batch).loss
+        inputs = batch
+        if input_grad:
+            inputs = {**batch, "pixel_values": batch["pixel_values"].detach().requires_grad_(True)}
+        loss = model(**inputs).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -148,77 +152,114 @@ def make_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], 
     return step
 
 
+def make_inference(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    model.eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def step() -> None:
+        with torch.no_grad():
+            model(**inputs)
+
+    return step
+
+
+def make_batch(loaded: LoadedModel, batch_size: int, seq: int) -> dict[str, torch.Tensor]:
+    num_labels = loaded.module.config.num_labels
+    labels = torch.randint(0, num_labels, (batch_size,))
+    if loaded.modality == "vision":
+        spec = loaded.tokenizer
+        return {"pixel_values": torch.randn(batch_size, spec.channels, spec.size, spec.size), "labels": labels}
+    vocab = loaded.module.get_input_embeddings().num_embeddings
+    return {
+        "input_ids": torch.randint(1000, min(vocab, 20000), (batch_size, seq)),
+        "attention_mask": torch.ones(batch_size, seq, dtype=torch.long),
+        "labels": labels,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="minilm-l6", choices=sorted(MODEL_CONFIGS))
+    parser.add_argument("--model", default="minilm-l6", choices=MODELS)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--seq", type=int, default=64, help="tokens per example (text models)")
     parser.add_argument("--variants", default="lora,dora", help="comma-separated, or `all` (every registered variant)")
-    parser.add_argument("--targets", default="attn,all-linear")
+    parser.add_argument("--targets", default=None, help="default: attn,all-linear (text), the model's `targets`")
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-peft", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a model config field")
     parser.add_argument("--quantize", default=None, help="also time ours on a base stored in this format (nf4)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     torch.manual_seed(0)
 
-    loaded = build_model(OmegaConf.create(MODEL_CONFIGS[args.model]), num_labels=2)
-    base, head = loaded.module, loaded.head
-    vocab = base.get_input_embeddings().num_embeddings
-    batch = {
-        "input_ids": torch.randint(1000, min(vocab, 20000), (args.batch, args.seq)),
-        "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long),
-        "labels": torch.randint(0, 2, (args.batch,)),
-    }
+    model_cfg = OmegaConf.merge(
+        OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml"), OmegaConf.from_dotlist(args.set)
+    )
+    loaded = build_model(model_cfg, num_labels=2)
+    base, head, vision = loaded.module, loaded.head, loaded.modality == "vision"
+    batch = make_batch(loaded, args.batch, args.seq)
+    targets = args.targets or ("attn,all-linear" if not vision else model_cfg.get("targets", "pointwise"))
 
-    steps: dict[str, Callable[[], None]] = {"frozen": make_step(frozen(copy.deepcopy(base), head), batch)}
-    for targets in args.targets.split(","):
+    steps: dict[str, Callable[[], None]] = {
+        "frozen": make_step(frozen(copy.deepcopy(base), head, loaded.modality), batch, input_grad=vision)
+    }
+    failures: list[str] = []
+    for target in targets.split(","):
         for variant in VARIANTS.names() if args.variants == "all" else args.variants.split(","):
-            key = f"{variant}/{targets}"
-            steps[f"ours {key}"] = ours(copy.deepcopy(base), head, variant, targets, args.r, batch)
+            key = f"{variant}/{target}"
+            steps[f"ours {key}"] = our_step(copy.deepcopy(base), head, variant, target, args.r, batch)
             if not args.no_peft and has_peft_twin(variant):
                 try:
-                    twin = peft(copy.deepcopy(base), head, variant, targets, args.r)
-                except ValueError as e:  # PEFT's own limits (e.g. VB-LoRA's vector length must divide d_in)
-                    print(f"no PEFT row for {key}: {e}")
-                    continue
-                steps[f"peft {key}"] = make_step(twin, batch)
-
+                    steps[f"peft {key}"] = make_step(peft(copy.deepcopy(base), head, variant, target, args.r), batch)
+                except Exception as err:  # PEFT's limits: EfficientNet-Lite's convolutions, VB-LoRA's vector length
+                    failures.append(f"peft {key}: {type(err).__name__} {str(err)[:100]}".strip())
     if args.quantize:  # every linear layer outside the head stored quantized, as QLoRA does
-        cfg = OmegaConf.create(
-            {**MODEL_CONFIGS[args.model], "quantize": {"format": args.quantize, "layers": "all-linear"}}
-        )
-        qbase = build_model(cfg, num_labels=2).module
-        steps[f"frozen {args.quantize}"] = make_step(frozen(copy.deepcopy(qbase), head), batch)
-        for targets in args.targets.split(","):
+        qcfg = OmegaConf.merge(model_cfg, {"quantize": {"format": args.quantize, "layers": "all-linear"}})
+        qbase = build_model(qcfg, num_labels=2).module
+        steps[f"frozen {args.quantize}"] = make_step(frozen(copy.deepcopy(qbase), head, loaded.modality), batch)
+        for target in targets.split(","):
             for variant in VARIANTS.names() if args.variants == "all" else args.variants.split(","):
                 if VARIANTS.get(variant).quantized_base:  # it quantizes its targets itself, or cannot (full)
                     continue
-                step = ours(copy.deepcopy(qbase), head, variant, targets, args.r, batch)
-                steps[f"ours {variant}/{targets} {args.quantize}"] = step
+                step = our_step(copy.deepcopy(qbase), head, variant, target, args.r, batch)
+                steps[f"ours {variant}/{target} {args.quantize}"] = step
+    if vision:  # merged adapters must cost nothing at inference: time the base model against merged copies
+        steps["base inference"] = make_inference(copy.deepcopy(base), batch)
+        for variant in VARIANTS.names() if args.variants == "all" else args.variants.split(","):
+            if VARIANTS.get(variant).mergeable:
+                model = ours(copy.deepcopy(base), head, variant, targets.split(",")[0], args.r)
+                steps[f"merged {variant} inference"] = make_inference(merge_and_unload(model), batch)
 
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(args.warmup + args.steps):
         for name, step in steps.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             step()
             if i >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
 
     median = {name: statistics.median(ts) for name, ts in times.items()}
+    shape = f"{batch['pixel_values'].shape[-1]} px" if vision else f"{args.seq} tokens"
     print(
-        f"{args.model}, batch {args.batch} × {args.seq} tokens, r={args.r}, {torch.get_num_threads()} threads, "
-        f"median of {args.steps} steps"
+        f"{args.model}, batch {args.batch} × {shape}, r={args.r}, {torch.get_num_threads()} threads, "
+        f"median {args.clock} time of {args.steps} steps{''.join(f', {s}' for s in args.set)}"
     )
-    print(f"{'configuration':<30} {'ms/step':>9} {'× frozen':>9} {'× PEFT':>8}")
+    print(f"{'configuration':<30} {'ms/step':>9} {'× frozen':>9} {'× PEFT':>8} {'× base':>7}")
     for name, t in median.items():
+        if name.endswith("inference"):
+            print(f"{name:<30} {1000 * t:9.1f} {'':>9} {'':>8} {t / median['base inference']:7.2f}")
+            continue
         peer = name.replace("ours", "peft")
         vs_peft = f"{t / median[peer]:.2f}" if name.startswith("ours") and peer in median else ""
         print(f"{name:<30} {1000 * t:9.1f} {t / median['frozen']:9.2f} {vs_peft:>8}")
+    for failure in failures:
+        print(f"{failure} (not timed)")
 
 
 if __name__ == "__main__":

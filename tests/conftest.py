@@ -58,6 +58,9 @@ def batch_for(loaded: LoadedModel, batch_size: int = 3, seq: int = 10, seed: int
     if loaded.modality == "vision":
         cfg = loaded.module.config
         pixels = torch.randn(batch_size, cfg.num_channels, cfg.image_size, cfg.image_size, generator=g)
+        # Each image its own colour cast, as photos have: pixel noise alone averages out in a conv net's global
+        # pooling, leaving a linear probe on a random net nothing to tell the images apart by.
+        pixels += torch.randn(batch_size, cfg.num_channels, 1, 1, generator=g)
         return {"pixel_values": pixels, "labels": labels}
     vocab = loaded.module.config.vocab_size
     ids = torch.randint(1000, vocab, (batch_size, seq), generator=g)
@@ -130,7 +133,62 @@ def fake_mirror(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (glue / subset).mkdir(parents=True, exist_ok=True)
         frame.to_parquet(glue / subset / f"{split}-00000-of-00001.parquet")
     (glue / "README.md").write_text(GLUE_README)
+    write_image_mirror(root / "zalando-datasets" / "fashion_mnist")
     return root
+
+
+FASHION_CLASSES = [
+    "T - shirt / top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+FASHION_README = """---
+configs:
+- config_name: fashion_mnist
+  data_files:
+  - split: train
+    path: fashion_mnist/train-00000-of-00001.parquet
+  - split: test
+    path: fashion_mnist/test-00000-of-00001.parquet
+---
+"""
+
+
+def fake_images(n: int, seed: int) -> tuple[list, list[int]]:
+    """n 28×28 grayscale images whose class is where a bright block sits (learnable), over noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for i in range(n):
+        label = i % len(FASHION_CLASSES)
+        pixels = rng.integers(0, 60, (28, 28), dtype=np.uint8)
+        row, col = divmod(label, 4)
+        pixels[row * 9 : row * 9 + 9, col * 7 : col * 7 + 7] = 230
+        images.append(Image.fromarray(pixels))  # 2-D uint8: grayscale ("L")
+        labels.append(label)
+    return images, labels
+
+
+def write_image_mirror(folder: Path) -> None:
+    """Fashion-MNIST's layout in the Hub mirror (PNG bytes in parquet, a ClassLabel with the class names), tiny."""
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=FASHION_CLASSES)})
+    for split, n, seed in (("train", 64, 0), ("test", 24, 1)):
+        images, labels = fake_images(n, seed)
+        dataset = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+        (folder / "fashion_mnist").mkdir(parents=True, exist_ok=True)
+        dataset.to_parquet(folder / "fashion_mnist" / f"{split}-00000-of-00001.parquet")
+    (folder / "README.md").write_text(FASHION_README)
 
 
 @pytest.fixture

@@ -151,3 +151,27 @@ def test_a_module_to_train_in_full_that_does_not_exist_names_the_override():
     cfg.train_in_full = ["pooler"]
     with pytest.raises(ConfigError, match=r"model.train_in_full=\['pooler'\]: tiny-llama has no module.*model"):
         build_model(cfg, 2)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "targets"),
+    [
+        (["model=tiny-bert"], "attn"),
+        (["model=tiny-cnn", "task=vision/fashion_mnist"], "pointwise"),
+        (["model=efficientnet-lite0", "task=vision/fashion_mnist", "variant=dora"], "pointwise"),
+        (["model=tiny-cnn", "task=vision/fashion_mnist", "variant.targets=all-conv"], "all-conv"),
+    ],
+)
+def test_variant_targets_default_to_the_models(overrides, targets):
+    """`model.targets` is each variant's default on that model, so `variant=dora` works on a conv net as it is; a
+    `variant.targets` override still wins."""
+    cfg = compose_with(overrides)
+    assert build_variant(cfg.variant).cfg.targets == targets
+
+
+def test_a_hub_vision_model_takes_image_tasks():
+    from lorafactory.config import check_overrides
+
+    overrides = ["model=hub", "model.modality=vision", "model.id=google/vit-base-patch16-224"]
+    check_overrides([*overrides, "task=vision/fashion_mnist"])  # no error: the config is right without the network
+    assert compose_with([*overrides, "task=vision/fashion_mnist"]).model.name == "google--vit-base-patch16-224"

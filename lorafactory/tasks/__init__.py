@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,18 @@ class Task:
 
 
 TASKS: Registry[Task] = Registry("task")
+TASK_FAMILIES: Registry[Callable[[Any], Task]] = Registry("task family")
+"""Families of tasks defined by config alone: a task YAML with `family: <name>` is built by `TASK_FAMILIES[name]` from
+its own fields (the dataset, its columns, its labels), so adding such a task is adding a YAML file."""
+
+
+def get_task(cfg: Any) -> Task:
+    """The task a `task` config node describes: built by its family when it names one, else registered by name."""
+    family = cfg.get("family")
+    if family:
+        return TASK_FAMILIES.get(family)(cfg)
+    return TASKS.get(cfg.name)
+
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in ("data",):

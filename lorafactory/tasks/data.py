@@ -36,18 +36,19 @@ def load_split(task: Task, split: str, data_dir: Path | None) -> Any:
     import datasets
 
     datasets.disable_progress_bars()
-    local = data_dir / task.hub_id if data_dir else None
-    source = str(local) if local is not None and local.is_dir() else task.hub_id
+    local = local_folder(task, data_dir)
+    on_disk = local is not None and local.is_dir()
+    source = str(local) if on_disk else task.hub_id
     try:
-        if source == task.hub_id and not hub_reachable():
+        if not on_disk and not hub_reachable():
             raise ConnectionError("huggingface.co is unreachable")  # fail now rather than after the Hub's retries
-        if source == task.hub_id:
+        if not on_disk:
             return datasets.load_dataset(source, task.subset, split=split)
         # datasets' own cache may serve a stale conversion of edited local files; our tokenisation cache sits in
         # front of this call anyway, so converting afresh costs little and is always right.
         return datasets.load_dataset(source, task.subset, split=split, download_mode="force_redownload")
     except Exception as err:  # datasets raises many types for "not there": connection, file, value errors
-        if source != task.hub_id:
+        if on_disk:
             broken = _unreadable_file(local, task.subset)
             if broken is not None:
                 raise DataMissingError(
@@ -55,6 +56,8 @@ def load_split(task: Task, split: str, data_dir: Path | None) -> Any:
                     "replace it with a complete copy"
                 ) from None
             where = f"the mirror folder {source} could not be read"
+        elif os.path.isabs(task.hub_id):
+            where = "that folder does not exist"
         elif data_dir is not None:
             where = f"{data_dir} has no folder '{task.hub_id}'"
         else:
@@ -65,6 +68,14 @@ def load_split(task: Task, split: str, data_dir: Path | None) -> Any:
             f"Hub failed ({reason}). Point LORAFACTORY_DATA_DIR (or paths.data_dir) at a mirror in the Hub layout, "
             f"e.g. ../shared/data, or run with network access."
         ) from None
+
+
+def local_folder(task: Task, data_dir: Path | None) -> Path | None:
+    """Where the task's data would be on disk: an absolute `hub_id` is a folder of its own (a folder of images),
+    anything else a Hub id mirrored under the data directory."""
+    if os.path.isabs(task.hub_id):
+        return Path(task.hub_id)
+    return data_dir / task.hub_id if data_dir else None
 
 
 def _unreadable_file(folder: Path, subset: str | None) -> tuple[Path, str] | None:
@@ -81,10 +92,10 @@ def _unreadable_file(folder: Path, subset: str | None) -> tuple[Path, str] | Non
     return None
 
 
-def _source_stamp(task: Task, data_dir: Path | None) -> list[Any]:
+def source_stamp(task: Task, data_dir: Path | None) -> list[Any]:
     """Sizes and modification times of the local mirror's files for the task, so an edited mirror is re-tokenised;
     the Hub id alone for remote data."""
-    folder = data_dir / task.hub_id if data_dir else None
+    folder = local_folder(task, data_dir)
     if folder is None or not folder.is_dir():
         return [task.hub_id]
     files = sorted(p for p in folder.rglob("*") if p.is_file() and (task.subset or "") in str(p.relative_to(folder)))
@@ -93,7 +104,7 @@ def _source_stamp(task: Task, data_dir: Path | None) -> list[Any]:
 
 def _cache_key(task: Task, split: str, tokenizer: Any, max_length: int, data_dir: Path | None) -> str:
     spec = {
-        "source": _source_stamp(task, data_dir),
+        "source": source_stamp(task, data_dir),
         "v": CACHE_VERSION,
         "task": task.name,
         "hub_id": task.hub_id,

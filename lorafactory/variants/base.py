@@ -40,7 +40,8 @@ class VariantConfig:
     """Dropout on the adapter's input (training only)."""
     targets: Any = "attn"
     """A preset (`attn`, `all-linear`; for conv nets `pointwise`, `all-conv`) or a list of module-name patterns
-    (suffixes like `query` or regexes; every pattern must match)."""
+    (suffixes like `query` or regexes; every pattern must match). On the command line it defaults to the model's
+    `model.targets`."""
     lr_mult: float = 1.0
     """This variant's default learning rate relative to LoRA's (the task's `lr`); `sweep=lr_grid` centres on it."""
 
@@ -342,7 +343,11 @@ class Variant:
         """After the last step: pruning, compression."""
 
 
-VARIANTS: Registry[type[Variant]] = Registry("variant", group="variant")
+# On the command line a variant's targets default to the model's (`model.targets`: `attn` for transformers, `pointwise`
+# for conv nets), so every variant applies to every model without an override; `variant.targets=...` still wins.
+VARIANTS: Registry[type[Variant]] = Registry(
+    "variant", group="variant", node_values={"targets": "${oc.select:model.targets,attn}"}
+)
 
 
 # --- model-level helpers -------------------------------------------------------------------------------------------
