@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lorafactory.errors import ConfigError
@@ -70,6 +70,39 @@ def one_of(*choices: str) -> Callable[[str, Any], None]:
     return rule
 
 
+def text(key: str, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key} must be a non-empty string, got {value!r}")
+
+
+def strings(key: str, value: Any) -> None:
+    if not isinstance(value, list | tuple | ListConfig) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{key} must be a list of non-empty strings (e.g. ['\\n']), got {value!r}")
+
+
+def template(*placeholders: str) -> Callable[[str, Any], None]:
+    """A format string whose placeholders are among `placeholders` (any of them, or `{{`/`}}` for braces)."""
+
+    def rule(key: str, value: Any) -> None:
+        import string
+
+        text(key, value)
+        try:
+            used = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        except ValueError as err:
+            raise ConfigError(
+                f"{key} is not a valid template ({err}); write literal braces as {{{{ and }}}}"
+            ) from None
+        unknown = sorted(used - set(placeholders))
+        if unknown:
+            raise ConfigError(
+                f"{key} uses {{{unknown[0]}}}, which this task does not provide; it can use: "
+                f"{', '.join('{' + p + '}' for p in placeholders)}"
+            )
+
+    return rule
+
+
 def run_name(key: str, value: Any) -> None:
     if not isinstance(value, str) or not _NAME.match(value) or ".." in value.split("/"):
         raise ConfigError(
@@ -91,6 +124,16 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "task.max_length": integer(8),
     "task.max_train_samples": integer(1, optional=True),
     "task.max_eval_samples": integer(1, optional=True),
+    # Generation tasks (tasks/causal.py): templates and evaluation settings.
+    "task.response": template("target"),
+    "task.mask_prompt": boolean,
+    "task.max_new_tokens": integer(1),
+    "task.stop": strings,
+    "task.val_samples": integer(0),
+    "task.eval_untuned": boolean,
+    "task.forgetting_samples": integer(0),
+    "task.length_buckets": integer(1, optional=True),
+    "task.eval_every_n_steps": integer(1, optional=True),
     "optim.lr": number(0, above=True),
     "optim.lr_scale": number(0, above=True),
     "optim.weight_decay": number(0),
@@ -111,7 +154,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
 
 def validate(cfg: DictConfig) -> None:
     """Raise a ConfigError naming the first impossible value in the composed config (variant fields included)."""
-    from lorafactory.models import MODELS
+    from lorafactory.models import MODELS, check_head_kind
     from lorafactory.tasks import TASKS
     from lorafactory.variants.base import build_variant
 
@@ -125,6 +168,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"model {_get(cfg, 'model.name')} takes {model.modality} input; task {task.name} is a {task.modality} task"
         )
+    check_head_kind(_get(cfg, "model.name"), model, task.head, task.name)
+    fields = getattr(task, "prompt_fields", None)
+    for key in ("task.prompt", "task.prompt_no_input"):
+        if fields is not None and OmegaConf.select(cfg, key, default=None) is not None:
+            template(*fields)(key, _get(cfg, key))
     if _get(cfg, "model.builder") == "hub" and (OmegaConf.is_missing(cfg.model, "id") or not cfg.model.get("id")):
         raise ConfigError("model=hub needs a Hub id: add model.id=<id>, e.g. model.id=FacebookAI/roberta-base")
     build_variant(cfg.variant)

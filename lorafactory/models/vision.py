@@ -12,7 +12,7 @@ from lorafactory.models import LoadedModel, register_model, tiny
 
 
 @register_model("tiny-vit", "vision", "ViT image classifier, random init from a small config (tests)")
-def tiny_vit(cfg: Any, num_labels: int) -> LoadedModel:
+def tiny_vit(cfg: Any, num_labels: int, kind: str) -> LoadedModel:
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(
@@ -79,7 +79,7 @@ class TinyConvNet(nn.Module):
 
 
 @register_model("tiny-cnn", "vision", "inverted-residual conv net, random init (tests of adapters on convolutions)")
-def tiny_cnn(cfg: Any, num_labels: int) -> LoadedModel:
+def tiny_cnn(cfg: Any, num_labels: int, kind: str) -> LoadedModel:
     return tiny(
         cfg,
         num_labels,
