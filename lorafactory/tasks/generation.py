@@ -20,9 +20,13 @@ from torch import Tensor, nn
 class Generations:
     texts: list[str]
     """The decoded continuation of each prompt, cut before the first stop string, stripped."""
-    tokens: list[int]
-    """Tokens generated for each prompt (up to the end-of-sequence token or the stop string, not counting EOS)."""
+    token_ids: list[list[int]]
+    """The generated token ids of each prompt (up to the end-of-sequence token or the stop string, EOS excluded)."""
     seconds: float
+
+    @property
+    def tokens(self) -> list[int]:
+        return [len(ids) for ids in self.token_ids]
 
     @property
     def tokens_per_s(self) -> float:
@@ -61,19 +65,19 @@ def greedy_generate(
     first stop string (which is cut off). Sequences that have ended leave the batch (and its KV cache), so one long
     generation does not make the others pay for its length."""
     texts: list[str] = [""] * len(prompts)
-    counts = [0] * len(prompts)
+    token_ids: list[list[int]] = [[] for _ in prompts]
     start = time.perf_counter()
     for batch in _batches([len(p) for p in prompts], batch_size):
         for i, (text, n) in zip(
             batch, _generate_batch(model, tokenizer, [prompts[i] for i in batch], max_new_tokens, stop), strict=True
         ):
-            texts[i], counts[i] = text, n
-    return Generations(texts, counts, time.perf_counter() - start)
+            texts[i], token_ids[i] = text, n
+    return Generations(texts, token_ids, time.perf_counter() - start)
 
 
 def _generate_batch(
     model: nn.Module, tokenizer: object, prompts: list[Sequence[int]], max_new_tokens: int, stop: Sequence[str]
-) -> list[tuple[str, int]]:
+) -> list[tuple[str, list[int]]]:
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     ids, mask, positions = left_padded(prompts, pad)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
@@ -114,7 +118,7 @@ def _generate_batch(
         text = texts[i]
         if text is None:
             text, _ = _until_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop)
-        results.append((text, len(tokens)))
+        results.append((text, tokens))
     return results
 
 
@@ -122,7 +126,7 @@ def _until_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """`text` cut before the first stop string that follows some real content, and whether one was found. Leading
     whitespace never stops a generation: a model that starts with a newline has not answered yet."""
     body = text.lstrip()
-    cuts = [body.find(s) for s in stop if s and body.find(s) > 0]
+    cuts = [body.find(s, 1) for s in stop if s and body.find(s, 1) > 0]
     if not cuts:
         return body.strip(), False
     return body[: min(cuts)].strip(), True
