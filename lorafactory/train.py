@@ -125,7 +125,7 @@ def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any], t0: float) -> R
     # Checkpoints: every `ckpt_every_n_steps`, and on a signal; a relaunch resumes from the last one, exactly.
     ckpt_dir = run_dir / "checkpoints"
     resume = _checkpoint(ckpt_dir / "last.ckpt", run_dir)
-    stats, signals = RunStats(attempt_start=t0), SignalCheckpoint(ckpt_dir / "last.ckpt")
+    stats, signals = RunStats(variant, attempt_start=t0), SignalCheckpoint(ckpt_dir / "last.ckpt")
     callbacks = [
         DataProgress(train_loader),  # first: the position the checkpoints save must count the step just taken
         VariantHooks(variant, data.init_batches, resuming=resume is not None),
@@ -188,7 +188,7 @@ def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any], t0: float) -> R
         chance_metric=chance.get(key),
         **_evaluation_fields(untuned, test, key),
         trainable_params=count_trainable(model.parameters()),
-        adapter_params=count_trainable(adapter_parameters(model)),
+        adapter_params=count_trainable(variant.trained_parameters(model)),
         variant_summary=variant.summary(model),
         total_params=total_params + sum(p.numel() for p in adapter_parameters(model)),
         steps=trainer.global_step,

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 import lorafactory.variants.lora as lora_module
 from lorafactory.errors import ConfigError
 from lorafactory.models import unfreeze
-from lorafactory.training.optim import carry_over_state
+from lorafactory.training.optim import build_optimizer, carry_over_state
 from lorafactory.variants import (
     VARIANTS,
     AdapterLayer,
@@ -57,11 +57,11 @@ def adapted(variant: str, model: str, targets: str | None = None, seed: int = 0,
     return v, loaded, base
 
 
-def perturb(model: torch.nn.Module, seed: int = 1) -> None:
+def perturb(model: torch.nn.Module, seed: int = 1, params=None) -> None:
     """Move every adapter parameter off its initial value, so ΔW ≠ 0 (the interesting case for merge and save)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in adapter_parameters(model):
+        for p in adapter_parameters(model) if params is None else params:
             p.add_(0.1 * torch.randn(p.shape, generator=g) * (p.abs().mean() + 0.1))
 
 
@@ -87,9 +87,11 @@ def test_declares_metadata(name):
 def test_only_adapter_parameters_train(variant, model, targets):
     v, loaded, _ = adapted(variant, model, targets)
     trainable = {id(p) for p in loaded.module.parameters() if p.requires_grad}
-    adapters = {id(p) for p in adapter_parameters(loaded.module) if p.requires_grad}
-    assert trainable and trainable == adapters
-    assert adapter_layers(loaded.module), "no layer was adapted"
+    adapters = {id(p) for p in v.trained_parameters(loaded.module) if p.requires_grad}
+    assert trainable == adapters
+    if v.taxonomy == "baseline":
+        return  # full fine-tuning and the linear probe adapt no layer (the head is unfrozen by the recipe)
+    assert trainable and adapter_layers(loaded.module), "no layer was adapted"
     for layer in adapter_layers(loaded.module):
         assert not any(p.requires_grad for p in layer.base.parameters())
 
@@ -97,7 +99,7 @@ def test_only_adapter_parameters_train(variant, model, targets):
 @pytest.mark.parametrize(("variant", "model", "targets"), CASES, ids=IDS)
 def test_trainable_count_matches_formula(variant, model, targets):
     v, loaded, _ = adapted(variant, model, targets)
-    assert count_trainable(adapter_parameters(loaded.module)) == v.expected_params(loaded.module)
+    assert count_trainable(v.trained_parameters(loaded.module)) == v.expected_params(loaded.module)
 
 
 @pytest.mark.parametrize(("variant", "model"), PAIRS)
@@ -114,7 +116,10 @@ def test_optimizer_step_changes_only_adapter_parameters(variant, model):
     v, loaded, _ = adapted(variant, model)
     model_ = loaded.module.train()
     before = {n: p.detach().clone() for n, p in model_.named_parameters()}
-    adapter_ids = {id(p) for p in adapter_parameters(model_)}
+    adapter_ids = {id(p) for p in v.trained_parameters(model_)}
+    if not adapter_ids:  # the linear probe: only the head trains, and the recipe unfreezes it
+        assert not any(p.requires_grad for p in model_.parameters())
+        return
     optimizer = torch.optim.AdamW([p for p in model_.parameters() if p.requires_grad], lr=1e-2)
     model_(**batch_for(loaded)).loss.backward()
     optimizer.step()
@@ -179,17 +184,16 @@ OPTIM = OmegaConf.create(
     {
         "lr": 1e-2,
         "weight_decay": 0.0,
-        "optimizer": {"_target_": "torch.optim.AdamW", "betas": [0.9, 0.999], "eps": 1e-8},
+        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "betas": [0.9, 0.999], "eps": 1e-8},
     }
 )
 
 
 def make_optimizer(v, model_: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """As `training.optim.build_optimizer` does: the variant's groups, under its own optimizer or AdamW."""
-    groups = v.param_groups(model_, lr) or [{"params": [p for p in model_.parameters() if p.requires_grad], "lr": lr}]
+    """The training recipe's optimizer: the variant's groups and the head's, under its own optimizer or AdamW."""
     cfg = OPTIM.copy()
     cfg.lr = lr
-    return v.build_optimizer(groups, cfg) or torch.optim.AdamW(groups, lr=lr)
+    return build_optimizer(cfg, v, model_)
 
 
 def train_steps(variant: str, model: str, lr: float, steps: int = 25) -> list[float]:
@@ -223,13 +227,17 @@ def train_steps(variant: str, model: str, lr: float, steps: int = 25) -> list[fl
 def test_a_few_steps_lower_the_loss(variant, model):
     """Some learning rate of a small grid (around the variant's own default) halves the loss on a fixed batch:
     variants differ in their best learning rate, which is the point of sweeping it."""
+    # A linear probe on a tiny random model's features cannot memorise arbitrary labels (tiny-vit's eight images stop
+    # near 0.6 nats whatever the rate): the head alone must cut the loss by a quarter, at a linear probe's rates.
+    probe = VARIANTS.get(variant).taxonomy == "baseline" and VARIANTS.get(variant).params_formula == "0"
+    grid, target = ((1e-2, 3e-2, 1e-1), 0.75) if probe else ((3e-3, 1e-2, 3e-2), 0.5)
     tried = {}
-    for lr in (3e-3, 1e-2, 3e-2):
+    for lr in grid:
         losses = train_steps(variant, model, lr)
         tried[lr] = (round(losses[0], 3), round(losses[-1], 3))
-        if losses[-1] < 0.5 * losses[0]:
+        if losses[-1] < target * losses[0]:
             return
-    pytest.fail(f"loss did not halve at any learning rate: {tried}")
+    pytest.fail(f"loss did not fall to {target}× at any learning rate: {tried}")
 
 
 @pytest.mark.parametrize("variant", VARIANTS.names())
@@ -300,7 +308,7 @@ def test_unmergeable_variants_refuse_kxk_convolutions(variant):
         adapted(variant, "tiny-cnn", targets="all-conv")
 
 
-@pytest.mark.parametrize("variant", VARIANTS.names())
+@pytest.mark.parametrize("variant", [v for v in VARIANTS.names() if VARIANTS.get(v).taxonomy != "baseline"])
 def test_a_pointwise_convolution_is_adapted_as_its_equivalent_linear(variant):
     """The weight view: a 1×1 convolution adapted by a variant computes what the same variant computes on the linear
     layer with the same weights, on every pixel, with the same gradients."""
@@ -352,7 +360,7 @@ def loaded_in_a_fresh_process(tmp_path_factory):
     for variant, model in PAIRS:
         v, loaded, _ = adapted(variant, model, seed=0)
         unfreeze(loaded.module, loaded.head)
-        perturb(loaded.module)
+        perturb(loaded.module, params=v.trained_parameters(loaded.module))
         key = f"{variant}--{model}"
         torch.save(adapter_state_dict(loaded.module), folder / f"{key}.pt")
         cases[key] = {"variant": variant, "model": model, "targets": model_targets(variant, model)[-1]}

@@ -46,6 +46,9 @@ class RunRecord:
     """Validation metrics at the evaluation where the primary metric was best."""
     final_metric: float | None = None
     best_metric: float | None = None
+    selection_metric: float | None = None
+    """The primary metric on the selection split, when the task has one apart from the split it reports on: learning
+    rates are chosen on this, results reported on `final_metric`, so the choice does not favour the noisiest."""
     best_step: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     """Every evaluation: {"step": ..., <metric>: ...}."""

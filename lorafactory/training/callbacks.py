@@ -19,7 +19,7 @@ import lightning as L
 import torch
 
 from lorafactory.errors import Diverged
-from lorafactory.variants.base import Variant, adapter_parameters, count_trainable
+from lorafactory.variants.base import Variant, count_trainable
 
 
 class VariantHooks(L.Callback):
@@ -40,6 +40,9 @@ class VariantHooks(L.Callback):
             self.variant.init_from_data(
                 pl_module.model, self.init_batches(), lambda model, batch: pl_module(batch).loss
             )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.variant.on_train_start(pl_module.model, int(trainer.estimated_stepping_batches))
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.variant.on_after_backward(pl_module.model)
@@ -106,7 +109,8 @@ class RunStats(L.Callback):
     time, and memory two ways — the activations saved for backward plus the trained state (parameters, gradients,
     optimizer state), measured on the first step, which compare methods; and the process's peak RSS."""
 
-    def __init__(self, attempt_start: float | None = None) -> None:
+    def __init__(self, variant: Variant, attempt_start: float | None = None) -> None:
+        self.variant = variant
         self.adapter_params_start: int | None = None
         self.step_times: list[float] = []
         self.samples = 0
@@ -122,7 +126,7 @@ class RunStats(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.adapter_params_start is None:
-            self.adapter_params_start = count_trainable(adapter_parameters(pl_module.model))
+            self.adapter_params_start = count_trainable(self.variant.trained_parameters(pl_module.model))
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *args: Any) -> None:
         if self.activation_mb is None and self._activations is None:

@@ -16,19 +16,42 @@ from lorafactory.variants.base import Variant
 
 
 def build_optimizer(optim_cfg: Any, variant: Variant, model: nn.Module) -> torch.optim.Optimizer:
-    """The variant's parameter groups (or one group of every trainable parameter) under the configured optimizer,
-    unless the variant brings its own optimizer."""
+    """The variant's parameter groups (or one group of its trainable parameters) plus the head's group, under the
+    configured optimizer, unless the variant brings its own optimizer.
+
+    `optim.lr` is the adapter's learning rate (`task.lr × variant.lr_mult × optim.lr_scale` by default). Everything
+    else that trains (the task head, modules trained in full) trains at LoRA's rate for the run, `optim.lr /
+    variant.lr_mult`, whatever the variant: a variant that wants its adapter 18× slower than LoRA's must not slow the
+    head with it, or the comparison would measure the head."""
     lr = float(optim_cfg.lr)
     check(lr > 0, f"optim.lr must be > 0, got {lr}")
     check(optim_cfg.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim_cfg.weight_decay}")
+    adapter = {id(p) for p in variant.trained_parameters(model) if p.requires_grad}
     groups = variant.param_groups(model, lr)
     if groups is None:
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+        groups = [{"params": [p for p in model.parameters() if id(p) in adapter], "lr": lr}]
+    groups = with_head_group(groups, model, adapter, lr / variant.cfg.lr_mult)
     optimizer = variant.build_optimizer(groups, optim_cfg)
     if optimizer is not None:
         return optimizer
     factory = instantiate(optim_cfg.optimizer)
     return factory(groups, lr=lr, weight_decay=optim_cfg.weight_decay)
+
+
+def with_head_group(
+    groups: list[dict[str, Any]], model: nn.Module, adapter: set[int], head_lr: float
+) -> list[dict[str, Any]]:
+    """`groups` with every parameter that is not the adapter's moved out into one `head` group at `head_lr`
+    (variants may have put the head in their own groups); groups left empty are dropped."""
+    head = [p for p in model.parameters() if p.requires_grad and id(p) not in adapter]
+    kept = []
+    for group in groups:
+        params = [p for p in group["params"] if id(p) in adapter]
+        if params:
+            kept.append({**group, "params": params})
+    if head:
+        kept.append({"params": head, "lr": head_lr, "name": "head"})
+    return kept
 
 
 def warmup_schedule(

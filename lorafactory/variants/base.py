@@ -220,6 +220,9 @@ class Variant:
     """Trainable parameters of one adapted d_out × d_in linear, as shown by `python -m lorafactory.variants`."""
     peft: ClassVar[str | None] = None
     """How Hugging Face PEFT spells the same method, when it has it (a parity test then compares the two)."""
+    noisy_training: ClassVar[bool] = False
+    """The training forward is stochastic by design (weight perturbation): train and eval compute the same function
+    only with the noise off. The contract tests then check eval alone is deterministic."""
     memory_note: ClassVar[str | None] = None
     """Training memory beyond the trainable parameters and their Adam moments, when it matters (LoRA-Pro's full-size
     moments), shown in the zoo listing."""
@@ -235,6 +238,11 @@ class Variant:
     def layer_params(self, d_in: int, d_out: int) -> int:
         """Trainable parameters of one adapted d_out × d_in layer (the formula of `params_formula`)."""
         raise NotImplementedError
+
+    def trained_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """What the method trains, the task head aside: the adapter's parameters (model-level shared ones once) for
+        adapters; every pretrained weight for full fine-tuning. Counted as `adapter_params` in records."""
+        return adapter_parameters(model)
 
     def expected_params(self, model: nn.Module) -> int:
         """Trainable adapter parameters of an adapted model according to the variant's formula."""
@@ -282,6 +290,10 @@ class Variant:
         stream of training batches in an order independent of training's: take as many as the method needs;
         `loss_fn(model, batch)` is the task loss. Not called when a run resumes (the state is in the checkpoint)."""
 
+    def on_train_start(self, model: nn.Module, total_steps: int) -> None:
+        """Training is about to start and will take `total_steps` optimizer steps (what the learning-rate schedule
+        is built for): methods whose schedules are fractions of the run (AdaLoRA's budget) read it here."""
+
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]] | None:
         """Optimizer parameter groups with their own learning rates, or None for one group of all trainables."""
         return None
@@ -299,7 +311,7 @@ class Variant:
         """Gradients exist; edit them here."""
 
     def on_before_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Right before `optimizer.step()` (after gradient clipping)."""
+        """Right before `optimizer.step()`; Lightning calls it before clipping the gradients."""
 
     def on_train_batch_end(self, model: nn.Module, step: int) -> bool | None:
         """After the optimizer step; `step` counts optimizer steps taken so far. Return True when the set of trainable
