@@ -34,8 +34,9 @@ format:  ## ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench:  ## step time of our adapters vs the frozen model and vs PEFT (MiniLM, 32 × 64 tokens)
+bench:  ## step time of our adapters vs the frozen model and vs PEFT (MiniLM, 32 × 64 tokens; SmolLM2, 8 × 256)
 	$(PY) scripts/bench_step.py
+	$(PY) scripts/bench_nlg.py
 
 clean:  ## remove caches and test outputs (keeps runs/ and the virtual environment)
 	rm -rf .pytest_cache .ruff_cache lightning_logs
