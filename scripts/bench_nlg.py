@@ -182,6 +182,7 @@ def peak_memory_mb(args: argparse.Namespace, name: str) -> float:
     """Peak RSS (MB) of a fresh process that builds the model as `name` and takes `--mem-steps` training steps."""
     cmd = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq)]
     cmd += ["--r", str(args.r), "--mem-steps", str(args.mem_steps), "--memory-of", name]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
 
