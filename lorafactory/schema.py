@@ -79,6 +79,32 @@ def text(optional: bool = False) -> Callable[[str, Any], None]:
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(f"{key} must be a non-empty name{' (or null)' if optional else ''}, got {value!r}")
 
+
+def strings(key: str, value: Any) -> None:
+    if not isinstance(value, list | tuple | ListConfig) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{key} must be a list of non-empty strings (e.g. ['\\n']), got {value!r}")
+
+
+def template(*placeholders: str) -> Callable[[str, Any], None]:
+    """A format string whose placeholders are among `placeholders` (any of them, or `{{`/`}}` for braces)."""
+
+    def rule(key: str, value: Any) -> None:
+        import string
+
+        text()(key, value)
+        try:
+            used = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        except ValueError as err:
+            raise ConfigError(
+                f"{key} is not a valid template ({err}); write literal braces as {{{{ and }}}}"
+            ) from None
+        unknown = sorted(used - set(placeholders))
+        if unknown:
+            raise ConfigError(
+                f"{key} uses {{{unknown[0]}}}, which this task does not provide; it can use: "
+                f"{', '.join('{' + p + '}' for p in placeholders)}"
+            )
+
     return rule
 
 
@@ -130,6 +156,16 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "model.dropout": number(0, 1),
     "model.drop_connect_rate": number(0, 1),
     "model.channels_last": boolean,
+    # Generation tasks (tasks/causal.py): templates and evaluation settings.
+    "task.response": template("target"),
+    "task.mask_prompt": boolean,
+    "task.max_new_tokens": integer(1),
+    "task.stop": strings,
+    "task.val_samples": integer(0),
+    "task.eval_untuned": boolean,
+    "task.forgetting_samples": integer(0),
+    "task.length_buckets": integer(1, optional=True),
+    "task.eval_every_n_steps": integer(1, optional=True),
     "optim.lr": number(0, above=True),
     "optim.lr_scale": number(0, above=True),
     "optim.weight_decay": number(0),
@@ -150,7 +186,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
 
 def validate(cfg: DictConfig) -> None:
     """Raise a ConfigError naming the first impossible value in the composed config (variant fields included)."""
-    from lorafactory.models import MODELS, model_modality
+    from lorafactory.models import MODELS, check_head_kind, model_modality
     from lorafactory.tasks import get_task
     from lorafactory.variants.base import build_variant
 
@@ -158,16 +194,22 @@ def validate(cfg: DictConfig) -> None:
         if OmegaConf.select(cfg, key, default="__absent__") == "__absent__":
             continue  # a config without the key (tests compose partial configs); the consumer decides
         rule(key, _get(cfg, key))
+    # model=hub names itself after its id: without one, nothing below can name the model.
+    if _get(cfg, "model.builder") == "hub" and (OmegaConf.is_missing(cfg.model, "id") or not cfg.model.get("id")):
+        raise ConfigError("model=hub needs a Hub id: add model.id=<id>, e.g. model.id=FacebookAI/roberta-base")
     _get(cfg, "task.name")
     task = get_task(cfg.task)
-    MODELS.get(_get(cfg, "model.builder"))
+    model = MODELS.get(_get(cfg, "model.builder"))
     modality = model_modality(cfg.model)
     if modality != task.modality:
         raise ConfigError(
             f"model {_get(cfg, 'model.name')} takes {modality} input; task {task.name} is a {task.modality} task"
         )
-    if _get(cfg, "model.builder") == "hub" and (OmegaConf.is_missing(cfg.model, "id") or not cfg.model.get("id")):
-        raise ConfigError("model=hub needs a Hub id: add model.id=<id>, e.g. model.id=FacebookAI/roberta-base")
+    check_head_kind(_get(cfg, "model.name"), model, task.head, task.name)
+    fields = getattr(task, "prompt_fields", None)
+    for key in ("task.prompt", "task.prompt_no_input"):
+        if fields is not None and OmegaConf.select(cfg, key, default=None) is not None:
+            template(*fields)(key, _get(cfg, key))
     variant = build_variant(cfg.variant)
     if variant.quantized_base and OmegaConf.select(cfg, "model.quantize", default=None):
         from lorafactory.quantize import refusal

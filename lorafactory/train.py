@@ -21,13 +21,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from lorafactory.errors import Diverged, UserError
-from lorafactory.models import build_model, model_modality, unfreeze
+from lorafactory.errors import ConfigError, Diverged, UserError
+from lorafactory.models import MODELS, build_model, check_head_kind, model_modality, unfreeze
 from lorafactory.quantize import parameter_count
 from lorafactory.results.record import RECORD_NAME, RunRecord, read_record, write_record
 from lorafactory.runlock import RunLock
 from lorafactory.schema import validate
-from lorafactory.tasks import get_task
+from lorafactory.tasks import Evaluation, get_task
 from lorafactory.tasks.data import resolve_data_dir
 from lorafactory.training.callbacks import (
     DataProgress,
@@ -38,6 +38,7 @@ from lorafactory.training.callbacks import (
     VariantHooks,
 )
 from lorafactory.training.data import TaskData
+from lorafactory.training.evaluation import Evaluator
 from lorafactory.training.loggers import keep_rows_up_to
 from lorafactory.training.module import AdapterModule
 from lorafactory.training.optim import build_optimizer
@@ -88,20 +89,36 @@ def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any], t0: float) -> R
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
 
-    # What to train: task, model and variant.
+    # What to train: task, model and variant. The task decides the model's head (classification or causal LM).
     task = get_task(cfg.task)
     modality = model_modality(cfg.model)
     if modality != task.modality:
         raise UserError(f"model {cfg.model.name} takes {modality} input; task {task.name} is a {task.modality} task")
+    check_head_kind(cfg.model.name, MODELS.get(cfg.model.builder), task.head, task.name)
     variant = build_variant(cfg.variant)
-    loaded = build_model(cfg.model, task.num_labels, task_head=cfg.task.get("train_in_full") or ())
+    loaded = build_model(cfg.model, task.num_labels, task_head=cfg.task.get("train_in_full") or (), kind=task.head)
     model = loaded.module
     total_params = parameter_count(model)  # a base stored quantized (model.quantize) counts its weights' values
-    variant.adapt(model, head=loaded.head)
+    data_dir = resolve_data_dir(cfg.paths.data_dir)
+    data = TaskData(task, loaded.tokenizer, cfg.task, cache_dir, data_dir, cfg.seed)
+
+    # Tasks with a final evaluation of their own (generation, option scoring) also evaluate the untuned model, before
+    # any adapter exists: the baseline the run must beat, and the held-out loss that forgetting is measured from.
+    evaluator = Evaluator(task, data, merge=variant.mergeable)
+    untuned = evaluator.untuned(model, cfg.model, cache_dir, data_dir)
+
+    variant.adapt(model, head=loaded.not_adapted)
     unfreeze(model, loaded.head)
+    # A method that trains the task head alone has nothing to train with a causal LM's head (pretrained, frozen for
+    # every method): its floor is the untuned model, which every run of such a task records (`untuned_metric`).
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(
+            f"variant={cfg.variant.name} trains no parameter of {cfg.model.name} on {task.name}: the task uses the "
+            f"model's own pretrained {loaded.kind} head, which stays frozen; that floor is the untuned model, "
+            "recorded as untuned_metric in every run of this task"
+        )
     model.train()  # from_pretrained returns eval mode; fine-tuning keeps the base model's dropout, as usual
 
-    data = TaskData(task, loaded.tokenizer, cfg.task, cache_dir, resolve_data_dir(cfg.paths.data_dir), cfg.seed)
     train_loader = data.train_loader()
     module = AdapterModule(
         model,
@@ -109,6 +126,7 @@ def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any], t0: float) -> R
         make_optimizer=partial(build_optimizer, cfg.optim, variant, model),
         make_scheduler=instantiate(cfg.scheduler),
         aux_loss=variant.aux_loss,
+        evaluate=evaluator if evaluator.has_test else None,
     )
 
     # Checkpoints: every `ckpt_every_n_steps`, and on a signal; a relaunch resumes from the last one, exactly.
@@ -131,7 +149,7 @@ def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any], t0: float) -> R
         precision=cfg.trainer.precision,
         max_epochs=cfg.task.epochs,
         max_steps=cfg.task.max_steps or -1,
-        val_check_interval=1.0 / cfg.trainer.evals_per_epoch,
+        **_validation_schedule(cfg, len(train_loader)),
         gradient_clip_val=cfg.trainer.gradient_clip_val,
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         enable_progress_bar=cfg.trainer.progress_bar,
@@ -149,25 +167,33 @@ def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any], t0: float) -> R
     finally:
         signals.uninstall()
 
-    # Record: final and best validation metrics by the task's declared primary metric and direction.
+    # The final evaluation on the test subset, for tasks that have one (generation, option scoring): merged when the
+    # variant merges, so it costs what the base model costs.
+    test = evaluator(model, "test")
+
+    # Record: final metrics (the test evaluation's, else the last validation's) and the best validation, by the
+    # task's declared primary metric and direction.
     history = module.history
     key = task.primary_metric
     pick = max if task.direction == "max" else min
     best = pick(history, key=lambda h: h[key])
-    final = history[-1]
+    final = test.metrics if test is not None else {k: v for k, v in history[-1].items() if k != "step"}
+    chance = test.chance if test is not None and test.chance else module.chance
     if cfg.save_adapter:
         torch.save(adapter_state_dict(model), run_dir / "adapter.pt")
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return RunRecord(
         **base,
         status="ok",
-        final={k: v for k, v in final.items() if k != "step"},
+        final=final,
+        final_source="validation" if test is None else "test",
         best={k: v for k, v in best.items() if k != "step"},
         final_metric=final[key],
         best_metric=best[key],
         best_step=int(best["step"]),
         history=history,
-        chance_metric=module.chance.get(key),
+        chance_metric=chance.get(key),
+        **_evaluation_fields(untuned, test, key),
         trainable_params=count_trainable(model.parameters()),
         adapter_params=count_trainable(variant.trained_parameters(model)),
         variant_summary=variant.summary(model),
@@ -178,6 +204,34 @@ def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any], t0: float) -> R
         wall_time_s=stats.wall_s,
         **stats.summary(),
     )
+
+
+def _validation_schedule(cfg: DictConfig, batches_per_epoch: int) -> dict[str, Any]:
+    """Lightning's validation schedule: every `task.eval_every_n_steps` optimizer steps when the task sets it (budgets
+    in steps, shorter than an epoch), else `trainer.evals_per_epoch` times per epoch."""
+    every = cfg.task.get("eval_every_n_steps")
+    if every:
+        return {"val_check_interval": int(every), "check_val_every_n_epoch": None}
+    return {"val_check_interval": 1.0 / cfg.trainer.evals_per_epoch}
+
+
+def _evaluation_fields(untuned: Evaluation | None, test: Evaluation | None, key: str) -> dict[str, Any]:
+    """What a task's own evaluation adds to the record: the untuned model's test metrics, forgetting (held-out text
+    loss after minus before training), the evaluation's cost and details (rule counts, sample outputs)."""
+    if test is None:
+        return {}
+    before = untuned.heldout_ce if untuned is not None else None
+    out: dict[str, Any] = {
+        "untuned": dict(untuned.metrics) if untuned is not None else {},
+        "untuned_metric": untuned.metrics.get(key) if untuned is not None else None,
+        "heldout_ce": {"before": before, "after": test.heldout_ce},
+        "forgetting": test.heldout_ce - before if test.heldout_ce is not None and before is not None else None,
+        "eval_cost": dict(test.cost),
+        "eval_details": dict(test.details),
+    }
+    if untuned is not None:
+        out["eval_cost"]["untuned_eval_s"] = untuned.cost.get("eval_s")
+    return out
 
 
 def writable_dir(path: Path, what: str) -> Path:

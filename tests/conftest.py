@@ -133,6 +133,7 @@ def fake_mirror(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (glue / subset).mkdir(parents=True, exist_ok=True)
         frame.to_parquet(glue / subset / f"{split}-00000-of-00001.parquet")
     (glue / "README.md").write_text(GLUE_README)
+    _fake_nlg_data(root, sentences)
     write_image_mirror(root / "zalando-datasets" / "fashion_mnist")
     return root
 
@@ -189,6 +190,77 @@ def write_image_mirror(folder: Path) -> None:
         (folder / "fashion_mnist").mkdir(parents=True, exist_ok=True)
         dataset.to_parquet(folder / "fashion_mnist" / f"{split}-00000-of-00001.parquet")
     (folder / "README.md").write_text(FASHION_README)
+
+
+def _hub_layout(folder: Path, splits: dict, config: str = "default", sub: str = "data") -> None:
+    """Parquet files and a README with `configs:` as the Hub (and ../shared/data) lay them out."""
+    (folder / sub).mkdir(parents=True, exist_ok=True)
+    lines = ["---", "configs:", f"- config_name: {config}", "  data_files:"]
+    for split, frame in splits.items():
+        frame.to_parquet(folder / sub / f"{split}-00000-of-00001.parquet")
+        lines += [f"  - split: {split}", f"    path: {sub}/{split}-00000-of-00001.parquet"]
+    (folder / "README.md").write_text("\n".join([*lines, "---", ""]))
+
+
+def _fake_nlg_data(root: Path, sentences) -> None:
+    """E2E, GSM8K, Alpaca, AG News (held-out text) in the Hub layout, and LLM-Adapters' commonsense JSON: just enough
+    rows for each task's carved validation (and Alpaca's carved test) sets."""
+    import json
+
+    import pandas as pd
+
+    foods = ["French", "Italian", "Indian", "English", "Chinese"]
+
+    def e2e(n: int, k: int) -> pd.DataFrame:
+        rows = []
+        for i in range(n):
+            mr = f"name[Place {i + k}], food[{foods[i % 5]}], area[riverside]"
+            for ref in (f"Place {i + k} serves {foods[i % 5]} food by the river.", f"By the river, Place {i + k}."):
+                rows.append({"meaning_representation": mr, "human_reference": ref})
+        return pd.DataFrame(rows)
+
+    _hub_layout(root / "tuetschek" / "e2e_nlg", {"validation": e2e(40, 0), "test": e2e(12, 100)})
+
+    def gsm8k(n: int, k: int) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "question": [f"Tom has {i + k} apples and buys {i} more. How many apples?" for i in range(n)],
+                "answer": [
+                    f"{i + k} + {i} = <<{i + k}+{i}={2 * i + k}>>{2 * i + k}\n#### {2 * i + k}" for i in range(n)
+                ],
+            }
+        )
+
+    _hub_layout(root / "openai" / "gsm8k", {"train": gsm8k(80, 3), "test": gsm8k(12, 50)}, config="main", sub="main")
+    alpaca = pd.DataFrame(
+        {
+            "instruction": [f"Repeat the word number {i}." for i in range(520)],
+            "input": ["" if i % 3 else f"word {i}" for i in range(520)],
+            "output": sentences(520, 2),
+        }
+    )
+    _hub_layout(root / "tatsu-lab" / "alpaca", {"train": alpaca})
+    news = pd.DataFrame({"text": sentences(30, 5), "label": [i % 4 for i in range(30)]})
+    _hub_layout(root / "fancyzhx" / "ag_news", {"train": news, "test": news})
+
+    def boolq(n: int, k: int) -> list[dict]:
+        out = []
+        for i in range(n):
+            answer = "true" if (i + k) % 3 else "false"
+            out.append(
+                {
+                    "instruction": f"Please answer the following question with true or false, question: is {i} "
+                    f"small?\n\nAnswer format: true/false",
+                    "input": "",
+                    "output": f"the correct answer is {answer}",
+                    "answer": answer,
+                }
+            )
+        return out
+
+    (root / "llm-adapters" / "boolq").mkdir(parents=True)
+    (root / "llm-adapters" / "boolq" / "train.json").write_text(json.dumps(boolq(80, 0)))
+    (root / "llm-adapters" / "boolq" / "test.json").write_text(json.dumps(boolq(10, 1)))
 
 
 @pytest.fixture

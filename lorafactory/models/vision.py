@@ -57,7 +57,7 @@ EFFICIENTNET_LITE_SPEC = {"mean": (127 / 255,) * 3, "std": (128 / 255,) * 3}
 
 
 @register_model("efficientnet-lite0", "vision", "EfficientNet-Lite0 (4.7M, CNN), ImageNet-pretrained, from PyPI")
-def efficientnet_lite0(cfg: Any, num_labels: int) -> LoadedModel:
+def efficientnet_lite0(cfg: Any, num_labels: int, kind: str) -> LoadedModel:
     package_dir("efficientnet_lite_pytorch", "")  # a missing package is a one-line error naming it
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -78,7 +78,7 @@ def efficientnet_lite0(cfg: Any, num_labels: int) -> LoadedModel:
 
 
 @register_model("tiny-vit", "vision", "ViT image classifier, random init from a small config (tests)")
-def tiny_vit(cfg: Any, num_labels: int) -> LoadedModel:
+def tiny_vit(cfg: Any, num_labels: int, kind: str) -> LoadedModel:
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(
@@ -138,7 +138,7 @@ class TinyConvNet(nn.Module):
 
 
 @register_model("tiny-cnn", "vision", "inverted-residual conv net, random init (tests of adapters on convolutions)")
-def tiny_cnn(cfg: Any, num_labels: int) -> LoadedModel:
+def tiny_cnn(cfg: Any, num_labels: int, kind: str) -> LoadedModel:
     return tiny(
         cfg,
         num_labels,

@@ -38,7 +38,10 @@ class RunRecord:
     direction: str = "max"
     """`max` or `min`: how the primary metric ranks, as the task declares it."""
     final: dict[str, float] = field(default_factory=dict)
-    """Validation metrics at the end of training."""
+    """Metrics at the end of training: the test evaluation's for tasks that have one (`final_source`), else the last
+    validation's."""
+    final_source: str = "validation"
+    """`validation` (the last validation) or `test` (the task's final evaluation on its test subset: NLG tasks)."""
     best: dict[str, float] = field(default_factory=dict)
     """Validation metrics at the evaluation where the primary metric was best."""
     final_metric: float | None = None
@@ -51,6 +54,20 @@ class RunRecord:
     """Every evaluation: {"step": ..., <metric>: ...}."""
     chance_metric: float | None = None
     """The primary metric of predicting the majority class (a constant for regression) on the evaluation set."""
+    untuned: dict[str, float] = field(default_factory=dict)
+    """Tasks with a test evaluation: its metrics for the model before training (no adapter)."""
+    untuned_metric: float | None = None
+    """The primary metric of `untuned`: what training must beat."""
+    forgetting: float | None = None
+    """Mean token cross-entropy on a fixed held-out text sample after training minus before (NLG tasks)."""
+    heldout_ce: dict[str, float | None] = field(default_factory=dict)
+    """That cross-entropy `before` and `after` training."""
+    eval_cost: dict[str, float] = field(default_factory=dict)
+    """The final evaluation's cost: `eval_s`, `generated_tokens`, `tokens_per_s` (generation), `merged` (1 when the
+    adapters were merged for it), `untuned_eval_s`."""
+    eval_details: dict[str, Any] = field(default_factory=dict)
+    """What else the final evaluation found: `answer_rules` (GSM8K: how often each extraction rule applied),
+    `samples` (a few prompts, outputs and references)."""
     trainable_params: int | None = None
     """All trainable parameters, task head included."""
     adapter_params: int | None = None

@@ -2,6 +2,17 @@
 
 Each family lives in its own module and registers its tasks on import. A task declares its primary metric and that
 metric's direction; the aggregator reads the direction from the run records, never from a hand-kept list.
+
+The training module and the recipe know no task by name: they call the hooks below, whose defaults are text (or
+image) classification. A family overrides what it does differently:
+
+- `head`: the head the model needs (`classification`, or `causal-lm` for generation tasks).
+- `splits` / `collator`: the training and validation examples and how they are batched.
+- `validation_outputs` / `validation_metrics` / `validation_chance`: what each validation batch keeps (logits and
+  labels; a causal LM keeps only its summed token loss) and the metrics computed from all of them.
+- `test_set` / `evaluate`: a final evaluation that runs the model itself (generation, option scoring, held-out
+  perplexity) on a test subset, also run on a small validation subset during training and on the untuned model
+  before training. Classification has none: its final metrics are the last validation's.
 """
 
 from __future__ import annotations
@@ -9,7 +20,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +29,37 @@ from torch import Tensor
 
 from lorafactory.registry import Registry
 
-METRIC_DIRECTIONS = {"accuracy": "max", "mcc": "max", "f1": "max", "pearson": "max", "spearman": "max", "loss": "min"}
+METRIC_DIRECTIONS = {
+    "accuracy": "max",
+    "mcc": "max",
+    "f1": "max",
+    "pearson": "max",
+    "spearman": "max",
+    "loss": "min",
+    "bleu": "max",
+    "rouge_l": "max",
+    "exact_match": "max",
+    "perplexity": "min",
+}
+EVAL_STAGES = ("untuned", "validation", "test")
+"""When `Task.evaluate` runs: on the model before training (before any adapter), on a small validation subset at every
+validation during training, and on the test subset once training is done."""
+
+
+@dataclass
+class Evaluation:
+    """What `Task.evaluate` measured by running the model itself."""
+
+    metrics: dict[str, float]
+    """Metric name -> value (`bleu`, `exact_match`, ...), the task's primary metric among them."""
+    chance: dict[str, float] = field(default_factory=dict)
+    """The metrics of a model that learned nothing (the most frequent answer), where that is defined."""
+    heldout_ce: float | None = None
+    """Mean token cross-entropy on the fixed held-out text sample (before − after training is the forgetting)."""
+    cost: dict[str, float] = field(default_factory=dict)
+    """What the evaluation cost: `eval_s`, and for generation `generated_tokens`, `tokens_per_s`."""
+    details: dict[str, Any] = field(default_factory=dict)
+    """Anything else the record should keep: which answer-extraction rule matched how often, sample outputs."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +79,8 @@ class Task:
     eval_split: str = "validation"
     carve_fraction: float = 0.8
     """With no train split: the share of `eval_split` that becomes training data (the rest is evaluated on)."""
+    head: str = "classification"
+    """The head the task needs (`models.HEAD_KINDS`): `classification` (`num_labels` outputs) or `causal-lm`."""
 
     @property
     def direction(self) -> str:
@@ -87,6 +130,38 @@ class Task:
     def compute_metrics(self, outputs: Tensor, labels: Tensor) -> dict[str, float]:
         raise NotImplementedError
 
+    # --- evaluation: the module and the recipe call these, never a task by name ---------------------------------
+    def validation_outputs(self, output: Any, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """What one validation batch keeps (the module concatenates each key over the batches): the logits and labels,
+        and the loss summed over the batch's examples."""
+        n = len(batch["labels"])
+        return {
+            "logits": output.logits.detach().float(),
+            "labels": batch["labels"],
+            "loss_sum": output.loss.detach().float() * n,
+            "count": torch.tensor(n),
+        }
+
+    def validation_metrics(self, outputs: dict[str, Tensor]) -> dict[str, float]:
+        """The task's metrics over the whole validation set, `loss` included."""
+        metrics = self.compute_metrics(outputs["logits"], outputs["labels"])
+        metrics["loss"] = float(outputs["loss_sum"].sum() / outputs["count"].sum())
+        return metrics
+
+    def validation_chance(self, outputs: dict[str, Tensor]) -> dict[str, float]:
+        """`chance_metrics` on the validation labels."""
+        return self.chance_metrics(outputs["labels"])
+
+    def test_set(self, preprocessor: Any, task_cfg: Any, cache_dir: Path, data_dir: Path | None) -> Any | None:
+        """The examples of the final evaluation (`evaluate` at stage `test`), or None when the task has none."""
+        return None
+
+    def evaluate(self, model: Any, preprocessor: Any, examples: Any, task_cfg: Any, stage: str) -> Evaluation | None:
+        """Metrics measured by running the model itself on `examples` (the validation set at stage `validation`, what
+        `test_set` returned at `untuned` and `test`), in eval mode and without gradients; None when there is
+        nothing beyond the validation loop's metrics. Stages: `EVAL_STAGES`."""
+        return None
+
     def chance_metrics(self, labels: Tensor) -> dict[str, float]:
         """The metrics of a model that learned nothing: it predicts the majority class (or, for regression, a
         constant). A result within noise of these is no result."""
@@ -112,5 +187,5 @@ def get_task(cfg: Any) -> Task:
 
 
 for _module in pkgutil.iter_modules(__path__):
-    if _module.name not in ("data",):
+    if _module.name not in ("data", "causal", "generation", "text_metrics"):  # helpers, not families
         importlib.import_module(f"{__name__}.{_module.name}")

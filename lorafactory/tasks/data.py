@@ -157,6 +157,10 @@ class Rows(torch.utils.data.Dataset):
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.columns["input_ids"]]
 
+    def head(self, n: int) -> Rows:
+        """The first `n` examples."""
+        return Rows({k: v[:n] for k, v in self.columns.items()})
+
 
 def select_rows(dataset: Any, indices: list[int] | None, limit: int | None) -> Rows:
     if indices is not None:

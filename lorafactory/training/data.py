@@ -15,11 +15,21 @@ from lorafactory.tasks import Task
 
 class EpochSampler(Sampler[int]):
     """A shuffled order that is a function of (seed, epoch) alone, and can start part-way through an epoch: a run
-    resumed from a mid-epoch checkpoint sees exactly the examples the uninterrupted run would have seen."""
+    resumed from a mid-epoch checkpoint sees exactly the examples the uninterrupted run would have seen.
 
-    def __init__(self, n: int, seed: int):
+    With `lengths` and `buckets`, batches are bucketed by length: the shuffled order is cut into chunks of `buckets`
+    batches, each chunk sorted by length and cut into batches, and the batches shuffled (the one short batch last, so
+    batch boundaries stay at multiples of `batch_size`). Batches then hold examples of similar length (far less
+    padding: generation tasks' lengths vary several-fold) while any order bias stays within a chunk."""
+
+    def __init__(
+        self, n: int, seed: int, lengths: list[int] | None = None, batch_size: int = 1, buckets: int | None = None
+    ):
         self.n = n
         self.seed = seed
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.buckets = buckets
         self.epoch = 0
         self._skip: tuple[int, int] | None = None
         """(epoch, examples of it already trained on), set when resuming: that epoch's next pass starts after them."""
@@ -33,7 +43,18 @@ class EpochSampler(Sampler[int]):
 
     def order(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=generator).tolist()
+        order = torch.randperm(self.n, generator=generator).tolist()
+        if not self.buckets or self.lengths is None:
+            return order
+        size, chunk = self.batch_size, self.buckets * self.batch_size
+        batches: list[list[int]] = []
+        for start in range(0, self.n, chunk):
+            ranked = sorted(order[start : start + chunk], key=self.lengths.__getitem__)
+            batches += [ranked[i : i + size] for i in range(0, len(ranked), size)]
+        full = [b for b in batches if len(b) == size]
+        short = [b for b in batches if len(b) < size]  # at most one: every chunk but the last is whole batches
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+        return [i for batch in shuffled + short for i in batch]
 
     def __iter__(self) -> Iterator[int]:
         skip = 0
@@ -49,8 +70,9 @@ class ResumableLoader(DataLoader):
     """A DataLoader over an `EpochSampler` (Lightning sets its epoch) that can start a resumed epoch after the batches
     already trained on (`resume`)."""
 
-    def __init__(self, dataset: Any, batch_size: int, seed: int, collate_fn: Any):
-        self.epoch_sampler = EpochSampler(len(dataset), seed)
+    def __init__(self, dataset: Any, batch_size: int, seed: int, collate_fn: Any, buckets: int | None = None):
+        lengths = dataset.lengths() if buckets and hasattr(dataset, "lengths") else None
+        self.epoch_sampler = EpochSampler(len(dataset), seed, lengths, batch_size, buckets)
         # Its own generator: creating an iterator then draws its seed from here, not from the global RNG that dropout
         # uses, so a resumed run's dropout masks match the uninterrupted run's.
         super().__init__(
@@ -66,18 +88,22 @@ class ResumableLoader(DataLoader):
 
 
 class TaskData:
-    """The task's datasets (`Task.splits`) and loaders over them (`Task.collator` makes the batches)."""
+    """The task's datasets (`Task.splits`, and `Task.test_set` for tasks with a final evaluation) and loaders over
+    them (`Task.collator` makes the batches)."""
 
     def __init__(
         self, task: Task, preprocessor: Any, task_cfg: Any, cache_dir: Path, data_dir: Path | None, seed: int
     ):
         self.task_cfg = task_cfg
         self.seed = seed
+        self.preprocessor = preprocessor
         self.train, self.eval = task.splits(preprocessor, task_cfg, cache_dir, data_dir)
+        self.test = task.test_set(preprocessor, task_cfg, cache_dir, data_dir)
         self.collate = task.collator(preprocessor)
 
     def train_loader(self, seed_offset: int = 0) -> ResumableLoader:
-        return ResumableLoader(self.train, self.task_cfg.batch_size, self.seed + seed_offset, self.collate)
+        buckets = self.task_cfg.get("length_buckets")
+        return ResumableLoader(self.train, self.task_cfg.batch_size, self.seed + seed_offset, self.collate, buckets)
 
     def eval_loader(self) -> DataLoader:
         # Sorted by length, batches hold sentences of similar length: far less padding, same metrics.

@@ -1,5 +1,7 @@
-"""The LightningModule: forward, task loss, evaluation with the task's metrics. It knows nothing of variants; the
-optimizer and the auxiliary loss come in as functions, and the other hooks run from `VariantHooks`."""
+"""The LightningModule: forward, task loss, evaluation with the task's metrics. It knows nothing of variants or task
+names: the optimizer, the auxiliary loss and the task's own evaluation (generation, option scoring) come in as
+functions, the other variant hooks run from `VariantHooks`, and what a validation keeps and computes is the task's
+(`Task.validation_outputs`, `Task.validation_metrics`)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lorafactory.errors import Diverged
-from lorafactory.tasks import Task
+from lorafactory.tasks import Evaluation, Task
 from lorafactory.training.optim import SchedulerFactory, advance, carry_over_state
 from lorafactory.variants.base import adapter_state_dict
 
@@ -25,6 +27,7 @@ class AdapterModule(L.LightningModule):
         make_optimizer: Callable[[], torch.optim.Optimizer],
         make_scheduler: SchedulerFactory,
         aux_loss: Callable[[nn.Module], Tensor | None],
+        evaluate: Callable[[nn.Module, str], Evaluation | None] | None = None,
     ):
         super().__init__()
         self.model = model
@@ -32,14 +35,15 @@ class AdapterModule(L.LightningModule):
         self.make_optimizer = make_optimizer
         self.make_scheduler = make_scheduler
         self.aux_loss = aux_loss
+        self.evaluate = evaluate
+        """The task's evaluation beyond the validation loop (`training.evaluation.Evaluator`), run at stage
+        `validation` after each validation: generation on a small subset, option scoring."""
         # Checkpoints hold the adapter state only (see on_save_checkpoint), not the frozen model.
         self.strict_loading = False
         self.history: list[dict[str, float]] = []
         self.chance: dict[str, float] = {}
         """The task's metrics for predicting the majority class (a constant for regression) on the evaluation set."""
-        self._outputs: list[Tensor] = []
-        self._labels: list[Tensor] = []
-        self._losses: list[Tensor] = []
+        self._outputs: list[dict[str, Tensor]] = []
         # Batches carry what the tokenizer made (token_type_ids, ...); pass only what this model's forward takes.
         self._inputs = set(inspect.signature(model.forward).parameters)
 
@@ -57,21 +61,20 @@ class AdapterModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        out = self(batch)
-        self._outputs.append(out.logits.detach().float())
-        self._labels.append(batch["labels"])
-        self._losses.append(out.loss.detach() * len(batch["labels"]))
+        self._outputs.append(self.task.validation_outputs(self(batch), batch))
 
     def on_validation_epoch_end(self) -> None:
-        labels = torch.cat(self._labels)
-        metrics = self.task.compute_metrics(torch.cat(self._outputs), labels)
-        metrics["loss"] = float(torch.stack(self._losses).sum() / len(labels))
-        for collected in (self._outputs, self._labels, self._losses):
-            collected.clear()
+        outputs = concat(self._outputs)
+        self._outputs.clear()
+        metrics = self.task.validation_metrics(outputs)
         if self.trainer.sanity_checking:
             return
         if not self.chance:
-            self.chance = self.task.chance_metrics(labels)
+            self.chance = self.task.validation_chance(outputs)
+        extra = self.evaluate(self.model, "validation") if self.evaluate is not None else None
+        if extra is not None:
+            metrics.update(extra.metrics)
+            self.chance = self.chance or extra.chance
         # Logged at the optimizer step they follow, the step the record's history gives (Lightning's own logging
         # would count one less).
         for logger in self.loggers:
@@ -101,3 +104,11 @@ class AdapterModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = list(checkpoint.get("lf_history", []))
+
+
+def concat(outputs: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Per-batch outputs joined along the batch dimension (scalars stacked)."""
+    return {
+        key: torch.cat([o[key] for o in outputs]) if outputs[0][key].dim() else torch.stack([o[key] for o in outputs])
+        for key in outputs[0]
+    }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -397,6 +398,20 @@ def merge_adapters(model: nn.Module) -> None:
 def unmerge_adapters(model: nn.Module) -> None:
     for layer in adapter_layers(model):
         layer.unmerge()
+
+
+@contextmanager
+def merged(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """The model with every adapter merged into its base weight (so it computes at the base model's cost), unmerged
+    again on exit; a no-op when not `enabled` (variants whose update is not a weight run unmerged)."""
+    if not enabled:
+        yield model
+        return
+    merge_adapters(model)
+    try:
+        yield model
+    finally:
+        unmerge_adapters(model)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

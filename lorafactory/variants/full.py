@@ -5,6 +5,10 @@ Update rule: every pretrained weight W trains, W ← W − η·update(∂L/∂W)
 model, so there is nothing to merge (the trained model is the merged one). Trainable parameters: all of the base
 model's (the head aside), whatever the targets say (`variant.targets` is ignored).
 
+On a causal LM, "every pretrained weight" includes the output layer (`lm_head`, which every adapter leaves frozen and
+unadapted): it is pretrained, not a task head, so it trains here at full fine-tuning's rate, as full fine-tuning of a
+language model trains it (SmolLM2 ties it to the input embeddings: the shared matrix trains once).
+
 Its usual learning rate is much smaller than LoRA's: `lr_mult` = 0.05, as in the LoRA paper's RoBERTa/DeBERTa GLUE
 settings (full fine-tuning at 1e-5–3e-5 where LoRA runs at 4e-4–5e-4; until our SST-2 sweep measures it), the head
 at LoRA's rate as for every variant. Saved adapter state = the whole trained model.
@@ -40,13 +44,17 @@ class Full(Variant):
     def adapt(self, model: nn.Module, head: Sequence[str] = HEAD_NAMES) -> nn.Module:
         self.check_base(model)
         self._head = tuple(head)
-        for name, param in model.named_parameters():
-            param.requires_grad_(not in_head(name, head))  # the recipe unfreezes the head itself
+        trained = {id(p) for p in self.trained_parameters(model)}
+        for param in model.parameters():
+            param.requires_grad_(id(param) in trained)  # the recipe unfreezes the head itself
         return model
 
     def trained_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         head = getattr(self, "_head", HEAD_NAMES)
-        return [p for n, p in model.named_parameters() if not in_head(n, head)]
+        # A causal LM's output layer is in `head` (no adapter may touch it) but is pretrained: it trains here.
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        pretrained = {id(p) for p in output.parameters()} if isinstance(output, nn.Module) else set()
+        return [p for n, p in model.named_parameters() if not in_head(n, head) or id(p) in pretrained]
 
     def expected_params(self, model: nn.Module) -> int:
         return sum(p.numel() for p in self.trained_parameters(model))
