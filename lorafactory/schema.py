@@ -79,6 +79,8 @@ def text(optional: bool = False) -> Callable[[str, Any], None]:
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(f"{key} must be a non-empty name{' (or null)' if optional else ''}, got {value!r}")
 
+    return rule
+
 
 def strings(key: str, value: Any) -> None:
     if not isinstance(value, list | tuple | ListConfig) or not all(isinstance(v, str) and v for v in value):

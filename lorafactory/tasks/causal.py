@@ -38,7 +38,7 @@ from torch import Tensor
 
 from lorafactory.errors import ConfigError, DataMissingError
 from lorafactory.tasks import Evaluation, Task
-from lorafactory.tasks.data import SUBSET_SEED, Rows, _source_stamp, load_split
+from lorafactory.tasks.data import SUBSET_SEED, Rows, load_split, source_stamp
 from lorafactory.tasks.generation import greedy_generate, option_logliks, token_nll
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class CausalLMTask(Task):
             "v": CACHE_VERSION,
             "task": self.name,
             "split": split,
-            "source": _source_stamp(self, data_dir),
+            "source": source_stamp(self, data_dir),
             "templates": templates,
             "tokenizer": [type(tokenizer).__name__, str(tokenizer.name_or_path), len(tokenizer), tokenizer.eos_token],
         }

@@ -22,7 +22,7 @@ from torch import nn
 
 from lorafactory.results.record import write_json_atomic
 from lorafactory.tasks import Evaluation, Task
-from lorafactory.tasks.data import _source_stamp
+from lorafactory.tasks.data import source_stamp
 from lorafactory.training.data import TaskData
 from lorafactory.variants.base import merged
 
@@ -80,7 +80,7 @@ class Evaluator:
             "v": UNTUNED_CACHE_VERSION,
             "model": OmegaConf.to_container(model_cfg, resolve=True),
             "task": {k: v for k, v in task_cfg.items() if k not in TRAINING_ONLY},
-            "source": _source_stamp(self.task, data_dir),
+            "source": source_stamp(self.task, data_dir),
         }
         key = hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
         path = cache_dir / "untuned" / self.task.name.replace("/", "__") / f"{key}.json"
