@@ -44,8 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from lorafactory.errors import check
-from lorafactory.variants.base import VARIANTS, Variant, VariantConfig
-from lorafactory.variants.lora import LoRALinear
+from lorafactory.variants.base import VARIANTS, VariantConfig
+from lorafactory.variants.lora import LoRA
 from lorafactory.variants.lora_fa import adamw_settings, pair_groups
 
 
@@ -142,7 +142,7 @@ class AltLoRAConfig(VariantConfig):
 
 
 @VARIANTS.register("altlora", config=AltLoRAConfig)
-class AltLoRA(Variant):
+class AltLoRA(LoRA):
     name = "altlora"
     paper = (
         "AltLoRA: Towards Better Gradient Approximation in Low-Rank Adaptation with Alternating Projections "
@@ -150,17 +150,7 @@ class AltLoRA(Variant):
     )
     taxonomy = "optimization"
     tags = ("alternating", "gradient-alignment")
-    params_formula = "r·(d_in + d_out)"
-
-    @property
-    def scaling(self) -> float:
-        return self.cfg.alpha / self.cfg.r
-
-    def make_layer(self, base: nn.Module) -> LoRALinear:
-        return LoRALinear(base, self.cfg.r, self.scaling, self.cfg.dropout)
-
-    def layer_params(self, d_in: int, d_out: int) -> int:
-        return self.cfg.r * (d_in + d_out)
+    peft = None
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
         return pair_groups(model, lr, self.scaling)

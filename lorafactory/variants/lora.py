@@ -123,7 +123,9 @@ class LoRA(Variant):
     def layer_params(self, d_in: int, d_out: int) -> int:
         return self.cfg.r * (d_in + d_out)
 
-    def peft_config(self, targets: list[str], head: list[str]) -> Any:
+    def peft_config(self, targets: list[str], head: list[str]) -> Any | None:
+        if self.peft is None:  # a LoRA-layer method PEFT does not have (its optimizer or training is the method)
+            return None
         from peft import LoraConfig
 
         return LoraConfig(

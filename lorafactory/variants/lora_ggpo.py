@@ -183,9 +183,6 @@ class LoRAGGPO(LoRA):
     def make_layer(self, base: nn.Module) -> GGPOLinear:
         return GGPOLinear(base, self.cfg.r, self.scaling, self.cfg.dropout, self.cfg.sigma, self.cfg.beta)
 
-    def peft_config(self, targets: list[str], head: list[str]) -> Any | None:
-        return None
-
     def on_before_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         for layer in adapter_layers(model):
             if isinstance(layer, GGPOLinear):

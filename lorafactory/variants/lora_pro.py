@@ -40,8 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from lorafactory.errors import check
-from lorafactory.variants.base import VARIANTS, Variant, VariantConfig
-from lorafactory.variants.lora import LoRALinear
+from lorafactory.variants.base import VARIANTS, VariantConfig
+from lorafactory.variants.lora import LoRA
 from lorafactory.variants.lora_fa import adamw_settings, pair_groups
 
 
@@ -164,23 +164,13 @@ class LoRAProConfig(VariantConfig):
 
 
 @VARIANTS.register("lora_pro", config=LoRAProConfig)
-class LoRAPro(Variant):
+class LoRAPro(LoRA):
     name = "lora_pro"
     paper = "LoRA-Pro: Are Low-Rank Adapters Properly Optimized? (Wang et al., ICLR 2025, arXiv 2407.18242)"
     taxonomy = "optimization"
     tags = ("gradient-alignment",)
-    params_formula = "r·(d_in + d_out)"
+    peft = None
     memory_note = "optimizer keeps full-size Adam moments of the equivalent gradient: 2·d_out·d_in floats per layer"
-
-    @property
-    def scaling(self) -> float:
-        return self.cfg.alpha / self.cfg.r
-
-    def make_layer(self, base: nn.Module) -> LoRALinear:
-        return LoRALinear(base, self.cfg.r, self.scaling, self.cfg.dropout)
-
-    def layer_params(self, d_in: int, d_out: int) -> int:
-        return self.cfg.r * (d_in + d_out)
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
         return pair_groups(model, lr, self.scaling)

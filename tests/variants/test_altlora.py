@@ -6,13 +6,11 @@ from __future__ import annotations
 import copy
 
 import torch
-from conftest import batch_for, tiny
 from omegaconf import OmegaConf
+from resume_check import assert_resume_is_exact
 from torch import nn
 
-from lorafactory.models import unfreeze
-from lorafactory.training.optim import warmup_schedule
-from lorafactory.variants import adapter_state_dict, build_variant, load_adapter_state_dict
+from lorafactory.variants import build_variant
 
 OPTIM = OmegaConf.create({"lr": 1e-2, "weight_decay": 0.0, "optimizer": {"betas": [0.9, 0.999], "eps": 1e-8}})
 
@@ -129,51 +127,9 @@ def test_learning_rate_is_read_from_the_group_at_each_step():
         torch.testing.assert_close(value, before[key])
 
 
-def no_dropout(model):
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-
-
-def fresh(seed=0):
-    loaded = tiny("tiny-bert")
-    torch.manual_seed(seed)
-    variant = build_variant({"name": "altlora", "targets": "all-linear", "r": 4})
-    variant.adapt(loaded.module, head=loaded.head)
-    unfreeze(loaded.module, loaded.head)
-    no_dropout(loaded.module)
-    optimizer = variant.build_optimizer(variant.param_groups(loaded.module, 1e-2), OPTIM)
-    return loaded, optimizer, warmup_schedule(optimizer, 6, "linear", 0.2)
-
-
-def steps(loaded, optimizer, scheduler, batches):
-    for batch in batches:
-        loaded.module(**batch).loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-
-
 def test_resuming_from_a_checkpoint_continues_the_uninterrupted_run():
     """Resumed mid-way (after an odd number of steps, so in an A phase) it continues the uninterrupted run."""
-    loaded, optimizer, scheduler = fresh()
-    batches = [batch_for(loaded, batch_size=4, seed=i) for i in range(6)]
-    steps(loaded, optimizer, scheduler, batches[:3])
-    checkpoint = copy.deepcopy(
-        {"model": adapter_state_dict(loaded.module), "optim": optimizer.state_dict(), "sched": scheduler.state_dict()}
-    )
-    torch.manual_seed(1)  # the same random stream (attention dropout) after the checkpoint in both runs
-    steps(loaded, optimizer, scheduler, batches[3:])
-
-    loaded2, optimizer2, scheduler2 = fresh(seed=123)
-    load_adapter_state_dict(loaded2.module, checkpoint["model"])
-    optimizer2.load_state_dict(checkpoint["optim"])
-    scheduler2.load_state_dict(checkpoint["sched"])
-    torch.manual_seed(1)
-    steps(loaded2, optimizer2, scheduler2, batches[3:])
-    resumed = adapter_state_dict(loaded2.module)
-    for key, value in adapter_state_dict(loaded.module).items():
-        torch.testing.assert_close(resumed[key], value, rtol=1e-6, atol=1e-6, msg=key)
+    assert_resume_is_exact("altlora", OPTIM, "linear", before=3, after=3)
 
 
 def test_the_step_calls_the_closure_as_lightning_does():

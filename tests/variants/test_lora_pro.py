@@ -3,16 +3,12 @@ the first step from B = 0, resume from a checkpoint."""
 
 from __future__ import annotations
 
-import copy
-
 import torch
-from conftest import batch_for, tiny
 from omegaconf import OmegaConf
+from resume_check import assert_resume_is_exact
 from torch import nn
 
-from lorafactory.models import unfreeze
-from lorafactory.training.optim import warmup_schedule
-from lorafactory.variants import adapter_state_dict, build_variant, load_adapter_state_dict
+from lorafactory.variants import build_variant
 from lorafactory.variants.lora_pro import LoRAProAdjustment
 
 OPTIM = OmegaConf.create({"lr": 1e-2, "weight_decay": 0.01, "optimizer": {"betas": [0.9, 0.999], "eps": 1e-8}})
@@ -163,47 +159,5 @@ def test_the_step_calls_the_closure_as_lightning_does():
     torch.testing.assert_close(results[0], results[1])
 
 
-def no_dropout(model):
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-
-
-def fresh(seed=0):
-    loaded = tiny("tiny-bert")
-    torch.manual_seed(seed)
-    variant = build_variant({"name": "lora_pro", "targets": "all-linear", "r": 4})
-    variant.adapt(loaded.module, head=loaded.head)
-    unfreeze(loaded.module, loaded.head)
-    no_dropout(loaded.module)
-    optimizer = variant.build_optimizer(variant.param_groups(loaded.module, 1e-2), OPTIM)
-    return loaded, optimizer, warmup_schedule(optimizer, 6, "linear", 0.2)
-
-
-def steps(loaded, optimizer, scheduler, batches):
-    for batch in batches:
-        loaded.module(**batch).loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-
-
 def test_resuming_from_a_checkpoint_continues_the_uninterrupted_run():
-    loaded, optimizer, scheduler = fresh()
-    batches = [batch_for(loaded, batch_size=4, seed=i) for i in range(5)]
-    steps(loaded, optimizer, scheduler, batches[:2])
-    checkpoint = copy.deepcopy(
-        {"model": adapter_state_dict(loaded.module), "optim": optimizer.state_dict(), "sched": scheduler.state_dict()}
-    )
-    torch.manual_seed(1)  # the same random stream (attention dropout) after the checkpoint in both runs
-    steps(loaded, optimizer, scheduler, batches[2:])
-
-    loaded2, optimizer2, scheduler2 = fresh(seed=123)
-    load_adapter_state_dict(loaded2.module, checkpoint["model"])
-    optimizer2.load_state_dict(checkpoint["optim"])
-    scheduler2.load_state_dict(checkpoint["sched"])
-    torch.manual_seed(1)
-    steps(loaded2, optimizer2, scheduler2, batches[2:])
-    resumed = adapter_state_dict(loaded2.module)
-    for key, value in adapter_state_dict(loaded.module).items():
-        torch.testing.assert_close(resumed[key], value, rtol=1e-6, atol=1e-6, msg=key)
+    assert_resume_is_exact("lora_pro", OPTIM, "linear", before=2, after=3)
