@@ -35,6 +35,15 @@ def quiet() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def available_cores() -> int:
+    """The cores this process may use: `OMP_NUM_THREADS` when set (SLURM jobs and test workers set it), else the CPU
+    affinity (a cgroup or `taskset` limit), not the machine's count."""
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     from lorafactory.models import quiet_transformers
@@ -48,9 +57,10 @@ def hydra_main(cfg: DictConfig) -> None:
     multirun = hc.mode == RunMode.MULTIRUN
     if cfg.threads is None and multirun:
         # Parallel jobs share the cores instead of oversubscribing them.
+        cores = available_cores()
         n_jobs = hc.launcher.get("n_jobs") or 1
-        n_jobs = os.cpu_count() if n_jobs < 0 else n_jobs
-        cfg.threads = max(1, (os.cpu_count() or 1) // n_jobs)
+        n_jobs = cores if n_jobs < 0 else n_jobs
+        cfg.threads = max(1, cores // n_jobs)
     try:
         record = run(cfg, hc.runtime.output_dir, list(hc.overrides.task))
     except RunningElsewhere as err:

@@ -17,6 +17,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="hf-datasets-")
+# On several pytest-xdist workers, one CPU thread each, and the same for the trainings they launch: workers × default
+# threads oversubscribe the cores, and OpenMP threads spinning at their barriers then slow a step tenfold and more
+# (a relaunched tiny run took over 10 min in CI instead of 35 s).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 from lorafactory.config import CONF_DIR  # noqa: E402
