@@ -146,6 +146,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "task.max_length": integer(8),
     "task.max_train_samples": integer(1, optional=True),
     "task.max_eval_samples": integer(1, optional=True),
+    "task.selection_samples": integer(0, optional=True),
     "task.dataset": text(),
     "task.image_column": text(),
     "task.label_column": text(),

@@ -170,6 +170,7 @@ def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any], t0: float) -> R
     # The final evaluation on the test subset, for tasks that have one (generation, option scoring): merged when the
     # variant merges, so it costs what the base model costs.
     test = evaluator(model, "test")
+    selection = module.score(data.selection_loader()) if data.selection is not None else None
 
     # Record: final metrics (the test evaluation's, else the last validation's) and the best validation, by the
     # task's declared primary metric and direction.
@@ -193,6 +194,8 @@ def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any], t0: float) -> R
         best_step=int(best["step"]),
         history=history,
         chance_metric=chance.get(key),
+        **_selection_fields(selection, history, test, key, data),
+        eval_examples=(task.example_outputs(module.last_outputs) or {}) if test is None else {},
         **_evaluation_fields(untuned, test, key),
         trainable_params=count_trainable(model.parameters()),
         adapter_params=count_trainable(variant.trained_parameters(model)),
@@ -213,6 +216,29 @@ def _validation_schedule(cfg: DictConfig, batches_per_epoch: int) -> dict[str, A
     if every:
         return {"val_check_interval": int(every), "check_val_every_n_epoch": None}
     return {"val_check_interval": 1.0 / cfg.trainer.evals_per_epoch}
+
+
+def _selection_fields(
+    selection: dict[str, float] | None,
+    history: list[dict[str, float]],
+    test: Evaluation | None,
+    key: str,
+    data: TaskData,
+) -> dict[str, Any]:
+    """What a sweep chooses learning rates on: the held-out training examples (`task.selection_samples`) when the
+    task has them; the last validation when results are reported on a test set; else nothing (a report then chooses
+    on the reported split, and says so)."""
+    if selection is not None:
+        return {
+            "selection": selection,
+            "selection_metric": selection[key],
+            "selection_source": "held-out training examples",
+            "selection_samples": len(data.selection),
+        }
+    if test is not None and key in history[-1]:
+        last = {k: v for k, v in history[-1].items() if k != "step"}
+        return {"selection": last, "selection_metric": last[key], "selection_source": "validation"}
+    return {}
 
 
 def _evaluation_fields(untuned: Evaluation | None, test: Evaluation | None, key: str) -> dict[str, Any]:

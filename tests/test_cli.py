@@ -37,6 +37,13 @@ def test_one_run_trains_evaluates_and_records(workdir):
     assert record["step_time_s"] > 0 and record["peak_memory_mb"] > 0 and record["wall_time_s"] > 0
     assert record["activation_mb"] > 0 and record["train_state_mb"] > 0 and record["resumed"] == 0
     assert record["chance_metric"] == 0.5  # the fake mirror's validation labels alternate: the majority class is half
+    # Chosen on a quarter of the mirror's 64 training sentences (sst2 asks for 500), reported on validation.
+    assert record["selection_source"] == "held-out training examples" and record["selection_samples"] == 16
+    assert record["selection_metric"] == record["selection"]["accuracy"]
+    examples = record["eval_examples"]
+    assert len(examples["outputs"]) == len(examples["labels"]) == 24
+    hits = sum(o == y for o, y in zip(examples["outputs"], examples["labels"], strict=True))
+    assert hits / 24 == pytest.approx(record["final_metric"])
     assert record["versions"]["torch"] and record["config"]["variant"]["name"] == "dora"
     assert (record_path.parent / "adapter.pt").is_file()
     assert not (record_path.parent / "checkpoints").exists()  # removed once the run is recorded

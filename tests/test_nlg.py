@@ -440,6 +440,10 @@ def test_each_nlg_family_trains_evaluates_and_records(workdir, task):
     if task in ("nlg/e2e", "math/gsm8k"):
         assert record["eval_cost"]["tokens_per_s"] > 0 and record["eval_details"]["samples"]
         assert primary in record["history"][-1]  # the small validation subset was generated too
+        # Chosen on validation, reported on test.
+        assert (
+            record["selection_source"] == "validation" and record["selection_metric"] == record["history"][-1][primary]
+        )
     if task == "math/gsm8k":
         assert sum(record["eval_details"]["answer_rules"].values()) == 4
     if task == "commonsense/boolq":

@@ -458,3 +458,41 @@ def test_sensitivity_compares_the_variant_spread_with_the_learning_rate_range(tm
     assert row["lr_range_median"] == pytest.approx(0.18)  # ranges: lora 0.30, dora 0.18, pissa 0.03
     assert row["lr_range_max"] == pytest.approx(0.30) and row["lr_range_max_variant"] == "lora"
     assert "span 0.040" in markdown(aggregate(load_runs(tmp_path)))
+
+
+# --- honest selection: chosen on one split, reported on another ------------------------------------------------------
+
+
+def test_learning_rates_are_chosen_on_the_selection_split_and_reported_on_the_other(tmp_path: Path) -> None:
+    # On the reported split 1e-2 looks best (0.90, a lucky draw); the selection split prefers 1e-3.
+    for lr, final, selection in [("1e-3", 0.85, 0.88), ("1e-2", 0.90, 0.80)]:
+        for seed in (0, 1):
+            write_run(
+                tmp_path,
+                "dora",
+                "glue/sst2",
+                lr,
+                seed,
+                final,
+                selection_metric=selection,
+                selection_source="held-out training examples",
+            )
+    board = aggregate(load_runs(tmp_path))
+    chosen = cell(board, "glue/sst2", "dora")
+    assert (chosen["lr"], chosen["mean"], chosen["chosen_on"]) == (1e-3, 0.85, "selection")
+    assert board.selection_notes == [
+        "tiny-bert glue/sst2: learning rates chosen on held-out training examples; scores reported on the other split."
+    ]
+
+
+def test_without_a_selection_metric_on_every_run_the_choice_falls_back_and_says_so(tmp_path: Path) -> None:
+    write_run(tmp_path, "dora", "glue/sst2", "1e-3", 0, 0.85, selection_metric=0.88)
+    write_run(tmp_path, "dora", "glue/sst2", "1e-2", 0, 0.90)  # an older record: no selection split
+    write_run(tmp_path, "lora", "glue/sst2", "1e-3", 0, 0.80)
+    board = aggregate(load_runs(tmp_path))
+    assert cell(board, "glue/sst2", "dora")["lr"] == 1e-2  # chosen on the reported split, as before
+    assert cell(board, "glue/sst2", "dora")["chosen_on"] == "reported"
+    assert board.selection_notes == [
+        "tiny-bert glue/sst2: learning rates chosen on the split the scores are reported on (the records have no "
+        "selection split): the best scores are optimistic, most for the noisiest variants."
+    ]

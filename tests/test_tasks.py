@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +161,51 @@ def test_collator_pads_to_a_multiple_of_eight():
     assert batch["input_ids"][0, 3:].eq(7).all() and batch["attention_mask"][0, 3:].eq(0).all()
     assert batch["labels"].dtype == torch.long
     assert PadCollator(0, regression=True)([{"input_ids": [1], "labels": 2.5}])["labels"].dtype == torch.float32
+
+
+# --- the selection split: chosen on, never trained on, never reported ------------------------------------------------
+
+
+def test_selection_cut_is_fixed_disjoint_and_at_most_a_quarter():
+    from lorafactory.tasks.data import selection_cut
+
+    keep, chosen = selection_cut(100, 10)
+    assert len(chosen) == 10 and sorted(keep + chosen) == list(range(100))
+    assert selection_cut(100, 10) == (keep, chosen)  # the same for every run
+    assert len(selection_cut(100, 60)[1]) == 25  # a tiny mirror keeps three quarters to train on
+    assert selection_cut(100, 0) == (list(range(100)), []) and selection_cut(100, None)[1] == []
+    assert chosen != list(range(10))  # a random draw, not the head of the split
+
+
+@pytest.mark.parametrize("name", ["glue/sst2", "glue/qnli"])
+@pytest.mark.parametrize("cap", [None, 8])
+def test_the_selection_split_is_never_trained_on_whatever_the_budget(fake_mirror, cache_dir, name, cap):
+    from lorafactory.tasks.data import task_selection
+
+    tok, task = tiny("tiny-bert").tokenizer, TASKS.get(name)
+    train, evaluation = task_splits(task, tok, 64, cache_dir, fake_mirror, cap, None, 8)
+    selection = task_selection(task, tok, 64, cache_dir, fake_mirror, 8)
+    as_set = lambda rows: {tuple(ids) for ids in rows.columns["input_ids"]}  # noqa: E731
+    assert len(selection) == 8 and not as_set(selection) & as_set(train) and not as_set(selection) & as_set(evaluation)
+    full, _ = task_splits(task, tok, 64, cache_dir, fake_mirror, None, None, 0)
+    assert len(train) == (cap or len(full) - 8)  # the budget caps what is left; the selection split stays the same
+    assert as_set(selection) < as_set(full)
+    assert as_set(task_selection(task, tok, 64, cache_dir, fake_mirror, 8)) == as_set(selection)
+    assert task_selection(task, tok, 64, cache_dir, fake_mirror, 0) is None
+
+
+def test_causal_tasks_choose_on_validation_not_on_a_selection_split():
+    task = TASKS.get("nlg/e2e")
+    assert task.selection_set(None, OmegaConf.create({"selection_samples": 50}), Path("."), None) is None
+
+
+def test_example_outputs_are_classes_or_values_with_their_labels():
+    sst2, stsb = TASKS.get("glue/sst2"), TASKS.get("glue/stsb")
+    logits = torch.tensor([[0.1, 0.9], [2.0, -1.0], [0.0, 0.5]])
+    assert sst2.example_outputs({"logits": logits, "labels": torch.tensor([1, 1, 0])}) == {
+        "outputs": [1, 0, 1],
+        "labels": [1, 1, 0],
+    }
+    values = stsb.example_outputs({"logits": torch.tensor([[1.25], [3.5]]), "labels": torch.tensor([1.0, 4.0])})
+    assert values == {"outputs": [1.25, 3.5], "labels": [1.0, 4.0]}
+    assert sst2.example_outputs({"loss_sum": torch.tensor([1.0])}) is None

@@ -4,6 +4,11 @@ per task and rank the variants.
 A variant's score on a task is the mean over seeds at its best learning rate, where "best" follows the direction the
 task declared in its records (never a hand-kept list). Ties go to the smaller learning rate, and equal means share a
 rank. Failed and diverged runs are kept apart: they are listed, never averaged.
+
+The best learning rate is chosen on the records' `selection_metric` (held-out training examples, or validation for
+tasks reported on a test set) and the score reported is the other split's: choosing and reporting on the same small
+split would favour whichever variant has more, noisier points. Records without a selection metric (older ones) are
+chosen on the reported split, and the report says so.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ RECORD_COLUMNS = (
     "direction",
     "final_metric",
     "best_metric",
+    "selection_metric",
+    "selection_source",
     "adapter_params",
     "trainable_params",
     "total_params",
@@ -128,6 +135,8 @@ class Leaderboard:
     notes: list[str] = field(default_factory=list)
     diverged: pd.DataFrame = field(default_factory=pd.DataFrame)
     """One row per diverged run (model, task, variant, lr, seed): drawn apart in the learning-rate figures."""
+    selection_notes: list[str] = field(default_factory=list)
+    """Per (model, task): which split chose the learning rates (see `best_lr`)."""
 
     def models(self) -> list[str]:
         return sorted(self.variants["model"].unique())
@@ -213,7 +222,14 @@ def aggregate(runs: Runs, metric: str = "final") -> Leaderboard:
     notes += _chance_notes(ok, cells)
     diverged = runs.records[runs.records["status"] == "diverged"][[*_CELL_KEYS, "lr", "seed"]]
     return Leaderboard(
-        metric, per_lr, cells, variant_summary(ok, cells), tasks, notes, diverged.reset_index(drop=True)
+        metric,
+        per_lr,
+        cells,
+        variant_summary(ok, cells),
+        tasks,
+        notes,
+        diverged.reset_index(drop=True),
+        _selection_notes(ok, cells),
     )
 
 
@@ -241,19 +257,35 @@ def per_lr_stats(ok: pd.DataFrame, column: str, tasks: pd.DataFrame) -> pd.DataF
     """Mean, sample std and n of `column` over seeds, per (model, task, variant, lr), with the task's direction."""
     stats = (
         ok.groupby([*_CELL_KEYS, "lr"], sort=True)
-        .agg(mean=(column, "mean"), std=(column, "std"), n=(column, "count"), lr_scale=("lr_scale", "first"))
+        .agg(
+            mean=(column, "mean"),
+            std=(column, "std"),
+            n=(column, "count"),
+            lr_scale=("lr_scale", "first"),
+            selection_mean=("selection_metric", "mean"),
+            selection_n=("selection_metric", "count"),
+        )
         .reset_index()
     )
     stats = stats.merge(tasks[["model", "task", "primary_metric", "direction"]], on=["model", "task"])
     # One signed score lets max- and min-tasks share the same "higher is better" code below.
-    stats["score"] = stats["mean"].where(stats["direction"] == "max", -stats["mean"])
+    sign = stats["direction"].map({"max": 1.0, "min": -1.0})
+    stats["score"] = sign * stats["mean"]
+    stats["selection_score"] = sign * stats["selection_mean"]
     return stats
 
 
 def best_lr(per_lr: pd.DataFrame) -> pd.DataFrame:
-    """Each (model, task, variant) at the lr with the best mean; ties go to the smaller lr."""
-    by_lr = per_lr.sort_values([*_CELL_KEYS, "lr"])
-    return by_lr.loc[by_lr.groupby(_CELL_KEYS)["score"].idxmax()].reset_index(drop=True)
+    """Each (model, task, variant) at the lr with the best mean on the selection split when every run of the cell
+    has one (`chosen_on` = "selection"), else on the reported metric (`chosen_on` = "reported"); ties go to the
+    smaller lr."""
+    by_lr = per_lr.sort_values([*_CELL_KEYS, "lr"]).copy()
+    complete = by_lr.groupby(_CELL_KEYS)["selection_n"].transform("min") > 0
+    complete &= (by_lr["selection_n"] == by_lr["n"]).groupby([by_lr[k] for k in _CELL_KEYS]).transform("all")
+    by_lr["chosen_on"] = complete.map({True: "selection", False: "reported"})
+    by_lr["_choice"] = by_lr["selection_score"].where(complete, by_lr["score"])
+    best = by_lr.loc[by_lr.groupby(_CELL_KEYS)["_choice"].idxmax()]
+    return best.drop(columns="_choice").reset_index(drop=True)
 
 
 def rank_cells(cells: pd.DataFrame) -> pd.DataFrame:
@@ -301,6 +333,30 @@ def _declaration_notes(ok: pd.DataFrame, tasks: pd.DataFrame) -> list[str]:
         for row in tasks.itertuples()
         if declared[(row.model, row.task)] > 1
     ]
+
+
+def _selection_notes(ok: pd.DataFrame, cells: pd.DataFrame) -> list[str]:
+    """Per (model, task): where learning rates were chosen, and a warning when the reported split chose them."""
+    notes = []
+    for (model, task), group in cells.groupby(["model", "task"], sort=True):
+        sources = ok[(ok["model"] == model) & (ok["task"] == task)]["selection_source"].dropna().unique()
+        reported = sorted(group[group["chosen_on"] == "reported"]["variant"])
+        if not reported:
+            notes.append(
+                f"{model} {task}: learning rates chosen on {' / '.join(sorted(sources))}; scores reported on "
+                "the other split."
+            )
+        elif len(reported) == len(group):
+            notes.append(
+                f"{model} {task}: learning rates chosen on the split the scores are reported on (the records "
+                "have no selection split): the best scores are optimistic, most for the noisiest variants."
+            )
+        else:
+            notes.append(
+                f"{model} {task}: {', '.join(reported)} chosen on the reported split (some runs have no "
+                "selection metric); the others on a separate selection split."
+            )
+    return notes
 
 
 def _grid_edge_notes(per_lr: pd.DataFrame, cells: pd.DataFrame) -> list[str]:

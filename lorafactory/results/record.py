@@ -49,6 +49,15 @@ class RunRecord:
     selection_metric: float | None = None
     """The primary metric on the selection split, when the task has one apart from the split it reports on: learning
     rates are chosen on this, results reported on `final_metric`, so the choice does not favour the noisiest."""
+    selection: dict[str, float] = field(default_factory=dict)
+    """Every metric on the selection split, at the end of training."""
+    selection_source: str | None = None
+    """Where `selection_metric` comes from: `held-out training examples` (`selection_samples` of the train split that
+    no run trains on) or `validation` (tasks reported on a test set of their own: the last validation)."""
+    selection_samples: int | None = None
+    eval_examples: dict[str, list] = field(default_factory=dict)
+    """Per example of the split `final` is measured on, `outputs` (predicted class, or value for regression) and
+    `labels`, for classification tasks: a report bootstraps the metric over them."""
     best_step: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     """Every evaluation: {"step": ..., <metric>: ...}."""

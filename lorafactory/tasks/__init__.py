@@ -119,7 +119,30 @@ class Task:
             data_dir,
             task_cfg.max_train_samples,
             task_cfg.max_eval_samples,
+            task_cfg.get("selection_samples"),
         )
+
+    def selection_set(self, preprocessor: Any, task_cfg: Any, cache_dir: Path, data_dir: Path | None) -> Any | None:
+        """The selection split: `task.selection_samples` training examples set aside (never trained on) that a run
+        is scored on at its end, so that a sweep chooses each variant's learning rate on them and reports the
+        evaluation split, which then plays no part in the choice. None: the task selects on its validation set
+        (tasks with a test set of their own) or has no selection split."""
+        from lorafactory.tasks.data import task_selection
+
+        return task_selection(
+            self, preprocessor, task_cfg.max_length, cache_dir, data_dir, task_cfg.get("selection_samples")
+        )
+
+    def example_outputs(self, outputs: dict[str, Tensor]) -> dict[str, list] | None:
+        """Per evaluation example, what the model answered and the truth (`outputs`: a whole validation's, as
+        `validation_outputs` keeps them): predicted classes, or values for regression. The record keeps them so a
+        report can bootstrap the metric over examples. None when the task's metric is not made of such answers."""
+        if "logits" not in outputs:
+            return None
+        logits, labels = outputs["logits"], outputs["labels"]
+        if self.num_labels == 1:
+            return {"outputs": [round(v, 5) for v in logits.reshape(-1).tolist()], "labels": labels.tolist()}
+        return {"outputs": logits.argmax(dim=-1).tolist(), "labels": labels.long().tolist()}
 
     def collator(self, preprocessor: Any) -> Any:
         """Turns a list of examples into a batch of tensors."""

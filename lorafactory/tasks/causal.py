@@ -106,6 +106,11 @@ class CausalLMTask(Task):
             train_rows = Rows({k: [v[i] for i in sorted(keep.tolist())] for k, v in train_rows.columns.items()})
         return train_rows, self._rows(validation, task_cfg, every_target=False)
 
+    def selection_set(self, tokenizer: Any, task_cfg: Any, cache_dir: Path, data_dir: Path | None) -> None:
+        """None: these tasks have a test set of their own, so learning rates are chosen on validation (the record's
+        `selection_metric` is the last validation's) and results reported on test."""
+        return None
+
     def test_set(self, tokenizer: Any, task_cfg: Any, cache_dir: Path, data_dir: Path | None) -> TestSet:
         *_, test = self._carve(tokenizer, task_cfg, cache_dir, data_dir)
         cap = task_cfg.max_eval_samples

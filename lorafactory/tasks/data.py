@@ -24,6 +24,7 @@ from lorafactory.tasks import Task
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when the tokenised format changes
 SUBSET_SEED = 0  # the capped train set and the carved splits are the same for every run seed
+SELECTION_SEED = 1  # the selection split: the same for every run of a task, whatever its budget or seed
 
 
 def resolve_data_dir(configured: str | os.PathLike | None) -> Path | None:
@@ -170,6 +171,32 @@ def select_rows(dataset: Any, indices: list[int] | None, limit: int | None) -> R
     return Rows(dataset[:])
 
 
+def selection_cut(n: int, size: int | None) -> tuple[list[int], list[int]]:
+    """(training pool, selection split): positions in a task's `n` training examples, `size` of them set aside by a
+    fixed seed to choose learning rates on, so that the split a result is reported on plays no part in choosing it.
+
+    The same examples for every run of the task (any seed, any budget: a budget caps the pool, never the selection
+    split). At most a quarter of the examples go (a tiny mirror in tests), none when `size` is 0 or None."""
+    size = min(int(size or 0), n // 4)
+    if size <= 0:
+        return list(range(n)), []
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SELECTION_SEED)).tolist()
+    return sorted(order[size:]), sorted(order[:size])
+
+
+def task_training_pool(
+    task: Task, tokenizer: Any, max_length: int, cache_dir: Path, data_dir: Path | None
+) -> tuple[Any, list[int]]:
+    """The tokenised split training examples come from, and their positions in it (a task without a train split
+    carves them from its eval split)."""
+    if not task.carved:
+        train = tokenized_split(task, task.train_split, tokenizer, max_length, cache_dir, data_dir)
+        return train, list(range(len(train)))
+    pool = tokenized_split(task, task.eval_split, tokenizer, max_length, cache_dir, data_dir)
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(SUBSET_SEED)).tolist()
+    return pool, order[: int(task.carve_fraction * len(pool))]
+
+
 def task_splits(
     task: Task,
     tokenizer: Any,
@@ -178,19 +205,29 @@ def task_splits(
     data_dir: Path | None,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    selection_samples: int | None = None,
 ) -> tuple[Rows, Rows]:
-    """(train, eval) rows, capped; a task without a train split carves both from its eval split."""
+    """(train, eval) rows, capped, the training rows without the selection split (`task_selection`); a task without
+    a train split carves both from its eval split."""
+    source, positions = task_training_pool(task, tokenizer, max_length, cache_dir, data_dir)
+    keep, _ = selection_cut(len(positions), selection_samples)
+    train = select_rows(source, [positions[i] for i in keep], max_train_samples)
     if not task.carved:
-        train = tokenized_split(task, task.train_split, tokenizer, max_length, cache_dir, data_dir)
         evaluation = tokenized_split(task, task.eval_split, tokenizer, max_length, cache_dir, data_dir)
-        return select_rows(train, None, max_train_samples), select_rows(evaluation, None, max_eval_samples)
-    pool = tokenized_split(task, task.eval_split, tokenizer, max_length, cache_dir, data_dir)
-    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(SUBSET_SEED)).tolist()
-    cut = int(task.carve_fraction * len(pool))
-    return (
-        select_rows(pool, order[:cut], max_train_samples),
-        select_rows(pool, order[cut:], max_eval_samples),
-    )
+        return train, select_rows(evaluation, None, max_eval_samples)
+    order = torch.randperm(len(source), generator=torch.Generator().manual_seed(SUBSET_SEED)).tolist()
+    return train, select_rows(source, order[len(positions) :], max_eval_samples)
+
+
+def task_selection(
+    task: Task, tokenizer: Any, max_length: int, cache_dir: Path, data_dir: Path | None, selection_samples: int | None
+) -> Rows | None:
+    """The selection split's rows: training examples no run trains on (`selection_cut`), or None without one."""
+    if not selection_samples:
+        return None
+    source, positions = task_training_pool(task, tokenizer, max_length, cache_dir, data_dir)
+    _, chosen = selection_cut(len(positions), selection_samples)
+    return select_rows(source, [positions[i] for i in chosen], None) if chosen else None
 
 
 class PadCollator:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from lorafactory.errors import ConfigError, DataMissingError
 from lorafactory.tasks import TASK_FAMILIES, Task
-from lorafactory.tasks.data import SUBSET_SEED, load_split, source_stamp
+from lorafactory.tasks.data import SUBSET_SEED, load_split, selection_cut, source_stamp
 
 if TYPE_CHECKING:
     from lorafactory.models import ImageSpec
@@ -75,9 +75,25 @@ class ImageClassificationTask(Task):
         else:
             train = image_split(self, self.train_split, preprocessor, cache_dir, data_dir)
             evaluation = image_split(self, self.eval_split, preprocessor, cache_dir, data_dir)
+        keep, _ = selection_cut(len(train), task_cfg.get("selection_samples"))
+        train = train.subset(torch.tensor(keep, dtype=torch.long))
         train, evaluation = train.capped(task_cfg.max_train_samples), evaluation.capped(task_cfg.max_eval_samples)
         train.augment = self.augment
         return train, evaluation
+
+    def selection_set(
+        self, preprocessor: ImageSpec, task_cfg: Any, cache_dir: Path, data_dir: Path | None
+    ) -> ImageRows | None:
+        if not task_cfg.get("selection_samples"):
+            return None
+        if self.carved:
+            pool = image_split(self, self.eval_split, preprocessor, cache_dir, data_dir)
+            order = torch.randperm(len(pool.labels), generator=torch.Generator().manual_seed(SUBSET_SEED))
+            train = pool.subset(order[: int(self.carve_fraction * len(order))])
+        else:
+            train = image_split(self, self.train_split, preprocessor, cache_dir, data_dir)
+        _, chosen = selection_cut(len(train), task_cfg.get("selection_samples"))
+        return train.subset(torch.tensor(chosen, dtype=torch.long)) if chosen else None
 
     def collator(self, preprocessor: ImageSpec) -> ImageCollator:
         return ImageCollator(preprocessor)

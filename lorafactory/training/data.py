@@ -99,6 +99,7 @@ class TaskData:
         self.preprocessor = preprocessor
         self.train, self.eval = task.splits(preprocessor, task_cfg, cache_dir, data_dir)
         self.test = task.test_set(preprocessor, task_cfg, cache_dir, data_dir)
+        self.selection = task.selection_set(preprocessor, task_cfg, cache_dir, data_dir)
         self.collate = task.collator(preprocessor)
 
     def train_loader(self, seed_offset: int = 0) -> ResumableLoader:
@@ -106,10 +107,16 @@ class TaskData:
         return ResumableLoader(self.train, self.task_cfg.batch_size, self.seed + seed_offset, self.collate, buckets)
 
     def eval_loader(self) -> DataLoader:
+        return self._scoring_loader(self.eval)
+
+    def selection_loader(self) -> DataLoader | None:
+        return self._scoring_loader(self.selection) if self.selection is not None else None
+
+    def _scoring_loader(self, rows: Any) -> DataLoader:
         # Sorted by length, batches hold sentences of similar length: far less padding, same metrics.
-        lengths = getattr(self.eval, "lengths", None)
-        order = sorted(range(len(self.eval)), key=lengths().__getitem__) if lengths else list(range(len(self.eval)))
-        return DataLoader(self.eval, batch_size=self.task_cfg.eval_batch_size, sampler=order, collate_fn=self.collate)
+        lengths = getattr(rows, "lengths", None)
+        order = sorted(range(len(rows)), key=lengths().__getitem__) if lengths else list(range(len(rows)))
+        return DataLoader(rows, batch_size=self.task_cfg.eval_batch_size, sampler=order, collate_fn=self.collate)
 
     def init_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Training batches for data-dependent initialisation, in an order independent of training's, endlessly

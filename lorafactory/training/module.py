@@ -44,6 +44,8 @@ class AdapterModule(L.LightningModule):
         self.chance: dict[str, float] = {}
         """The task's metrics for predicting the majority class (a constant for regression) on the evaluation set."""
         self._outputs: list[dict[str, Tensor]] = []
+        self.last_outputs: dict[str, Tensor] = {}
+        """The last validation's per-example outputs (`Task.validation_outputs`, concatenated)."""
         # Batches carry what the tokenizer made (token_type_ids, ...); pass only what this model's forward takes.
         self._inputs = set(inspect.signature(model.forward).parameters)
 
@@ -69,6 +71,7 @@ class AdapterModule(L.LightningModule):
         metrics = self.task.validation_metrics(outputs)
         if self.trainer.sanity_checking:
             return
+        self.last_outputs = outputs
         if not self.chance:
             self.chance = self.task.validation_chance(outputs)
         extra = self.evaluate(self.model, "validation") if self.evaluate is not None else None
@@ -80,6 +83,18 @@ class AdapterModule(L.LightningModule):
         for logger in self.loggers:
             logger.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=self.global_step)
         self.history.append({"step": self.global_step, **metrics})
+
+    @torch.no_grad()
+    def score(self, loader: Any) -> dict[str, float]:
+        """The task's metrics of the model as it is on every batch of `loader` (in eval mode, without gradients,
+        outside the trainer: nothing is logged or added to the history)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            outputs = concat([self.task.validation_outputs(self(batch), batch) for batch in loader])
+        finally:
+            self.model.train(was_training)
+        return self.task.validation_metrics(outputs)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.make_optimizer()
