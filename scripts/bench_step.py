@@ -41,6 +41,8 @@ OPTIM = OmegaConf.create(
 )
 
 MODELS = [m for m in group_options("model") if m != "hub"]
+PLAIN_FULL = "plain full fine-tuning"
+"""The twin `ours full/...` is compared with: PEFT has no full fine-tuning."""
 
 
 def frozen(model: nn.Module, head: tuple[str, ...], modality: str) -> nn.Module:
@@ -87,6 +89,13 @@ def our_step(
             optimizer = new
 
     return step
+
+
+def plain_full(model: nn.Module) -> nn.Module:
+    """Full fine-tuning as plain PyTorch does it, no framework: every weight trains (the anchor of our `full`)."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
 
 
 def has_peft_twin(variant: str) -> bool:
@@ -210,6 +219,9 @@ def main() -> None:
         "frozen": make_step(frozen(copy.deepcopy(base), head, loaded.modality), batch, input_grad=vision)
     }
     failures: list[str] = []
+    variants = VARIANTS.names() if args.variants == "all" else args.variants.split(",")
+    if "full" in variants:
+        steps[PLAIN_FULL] = make_step(plain_full(copy.deepcopy(base)), batch, input_grad=vision)
     for target in targets.split(","):
         for variant in VARIANTS.names() if args.variants == "all" else args.variants.split(","):
             key = f"{variant}/{target}"
@@ -250,14 +262,15 @@ def main() -> None:
         f"{args.model}, batch {args.batch} × {shape}, r={args.r}, {torch.get_num_threads()} threads, "
         f"median {args.clock} time of {args.steps} steps{''.join(f', {s}' for s in args.set)}"
     )
-    print(f"{'configuration':<30} {'ms/step':>9} {'× frozen':>9} {'× PEFT':>8} {'× base':>7}")
+    print(f"{'configuration':<30} {'ms/step':>9} {'× frozen':>9} {'× twin':>8} {'× base':>7}")
     for name, t in median.items():
         if name.endswith("inference"):
             print(f"{name:<30} {1000 * t:9.1f} {'':>9} {'':>8} {t / median['base inference']:7.2f}")
             continue
-        peer = name.replace("ours", "peft")
+        peer = PLAIN_FULL if name.startswith("ours full/") else name.replace("ours", "peft")
         vs_peft = f"{t / median[peer]:.2f}" if name.startswith("ours") and peer in median else ""
         print(f"{name:<30} {1000 * t:9.1f} {t / median['frozen']:9.2f} {vs_peft:>8}")
+    print("× twin: ours over PEFT's same method; for full, over plain PyTorch full fine-tuning")
     for failure in failures:
         print(f"{failure} (not timed)")
 
