@@ -18,6 +18,7 @@ from lorafactory.config import CONF_DIR
 from lorafactory.errors import ConfigError, DataMissingError
 from lorafactory.models import ImageSpec, image_spec
 from lorafactory.tasks import get_task
+from lorafactory.tasks.data import selection_cut
 from lorafactory.tasks.vision import ImageCollator, ImageRows, augment, class_index, to_images
 
 FASHION = OmegaConf.load(CONF_DIR / "task" / "vision" / "fashion_mnist.yaml")
@@ -80,9 +81,16 @@ def test_splits_are_preprocessed_once_and_cached(fake_mirror, tmp_path, monkeypa
     task = get_task(FASHION)
     spec = ImageSpec(size=16)
     train, evaluation = task.splits(spec, FASHION, tmp_path, fake_mirror)
-    assert (len(train), len(evaluation)) == (64, 24)
-    assert train.images.shape == (64, 1, 16, 16) and train.images.dtype == torch.uint8
-    assert train.labels.tolist() == [i % 10 for i in range(64)]
+    # A quarter of the mirror's 64 training images is the selection split (the task asks for 1,000): never trained on.
+    keep, chosen = selection_cut(64, FASHION.selection_samples)
+    assert (len(train), len(evaluation), len(chosen)) == (48, 24, 16)
+    assert train.images.shape == (48, 1, 16, 16) and train.images.dtype == torch.uint8
+    assert train.labels.tolist() == [i % 10 for i in keep]
+    selection = task.selection_set(spec, FASHION, tmp_path, fake_mirror)
+    assert selection.labels.tolist() == [i % 10 for i in chosen]
+    assert not {tuple(x.flatten().tolist()) for x in selection.images} & {
+        tuple(x.flatten().tolist()) for x in train.images
+    }
     monkeypatch.setattr(vision_module, "preprocess", lambda *a: pytest.fail("preprocessed again"))
     again, _ = task.splits(spec, FASHION, tmp_path, fake_mirror)
     assert torch.equal(again.images, train.images)
