@@ -19,8 +19,16 @@ from test_sweeps import TINY, records, run
 from lorafactory.results.record import read_record
 from lorafactory.runlock import RunLock, RunningElsewhere, is_locked
 
-# Long enough to be caught in the middle (64 examples × 20 epochs at batch 4: 320 steps).
-LONG = [*TINY, "task.max_train_samples=64", "task.batch_size=4", "task.epochs=20", "trainer.ckpt_every_n_steps=16"]
+# Long enough to be caught in the middle (64 examples × 20 epochs at batch 4: 320 steps; all of the mirror's 64
+# training sentences, none set aside for selection).
+LONG = [
+    *TINY,
+    "task.max_train_samples=64",
+    "task.selection_samples=0",
+    "task.batch_size=4",
+    "task.epochs=20",
+    "trainer.ckpt_every_n_steps=16",
+]
 # Long enough that a test starved of CPU by a loaded machine still finds it running (1,600 steps): for tests that
 # stop it anyway.
 LONGER = [*LONG, "task.epochs=100"]

@@ -75,7 +75,8 @@ def test_a_diverging_run_is_recorded_as_diverged(workdir):
 
 
 def test_a_killed_run_resumes_from_its_checkpoint(workdir):
-    args = [*TINY, "task.max_train_samples=64", "task.batch_size=2", "task.epochs=12", "trainer.ckpt_every_n_steps=8"]
+    args = [*TINY, "task.max_train_samples=64", "task.selection_samples=0", "task.batch_size=2", "task.epochs=12"]
+    args.append("trainer.ckpt_every_n_steps=8")
     process = subprocess.Popen(
         [sys.executable, "-m", "lorafactory", *args, "name=killed"],
         cwd=workdir,
