@@ -11,9 +11,20 @@ from pathlib import Path
 
 from lorafactory.errors import UserError
 from lorafactory.results.aggregate import METRICS, Leaderboard, Runs, aggregate, load_runs
-from lorafactory.results.plots import make_plots, rank_maps
+from lorafactory.results.crossfamily import Study, build_study
+from lorafactory.results.plots import make_plots, rank_maps, study_figures
 from lorafactory.results.record import RECORD_NAME
-from lorafactory.results.render import csv_text, html_page, latex, markdown, status_text, text_summary
+from lorafactory.results.render import (
+    crossfamily_csv,
+    crossfamily_latex,
+    crossfamily_markdown,
+    csv_text,
+    html_page,
+    latex,
+    markdown,
+    status_text,
+    text_summary,
+)
 from lorafactory.results.status import SweepStatus, sweep_status
 
 
@@ -22,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m lorafactory.report",
         description="Aggregate the run records (result.json) under a folder into leaderboards (Markdown, CSV,\n"
         "LaTeX), plots and one self-contained index.html. Each variant is scored at its best learning rate\n"
-        "per task (mean ± std over seeds), in the direction each task declares. Nothing is trained.",
+        "per task (mean ± std over seeds), in the direction each task declares. The study's sections add 95%\n"
+        "intervals, paired comparisons with tuned LoRA, average ranks across tasks (Friedman / Nemenyi, with a\n"
+        "critical-difference diagram), learning-rate windows, and the cross-family taxonomy table\n"
+        "(crossfamily.md/.csv/.tex). Nothing is trained.",
         epilog="examples:\n  python -m lorafactory.report runs/glue --out reports/glue\n"
         "  python -m lorafactory.report runs/glue --metric best\n  python -m lorafactory.report runs/glue --status",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -59,31 +73,43 @@ def main(argv: list[str] | None = None) -> int:
         if runs.records.empty:
             raise UserError(f"no readable {RECORD_NAME} under {args.runs}; --status shows runs still in progress")
         board = aggregate(runs, args.metric)
-        written = write_report(board, runs, sweep_status(args.runs), out)
+        study = build_study(board, runs)
+        written = write_report(board, runs, sweep_status(args.runs), out, study)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(text_summary(board, runs))
+    print(text_summary(board, runs, study=study))
     print(f"wrote {len(written)} files to {out}: {', '.join(p.name for p in written)}")
     return 0
 
 
-def write_report(board: Leaderboard, runs: Runs, status: SweepStatus, out: Path) -> list[Path]:
-    """Write the tables, the plots and index.html into `out`; return the files written."""
+def write_report(
+    board: Leaderboard, runs: Runs, status: SweepStatus, out: Path, study: Study | None = None
+) -> list[Path]:
+    """Write the tables, the plots and index.html into `out` (with a `study`: its sections, the cross-family table
+    and its figures too); return the files written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         plots = make_plots(board, out) + rank_maps(board, runs, out)
+        figures = study_figures(study, out) if study is not None else []
+        title = f"Leaderboard: {runs.root.resolve().name}"
         pages = {
-            "leaderboard.md": markdown(board),
+            "leaderboard.md": markdown(board, study, figures),
             "leaderboard.csv": csv_text(board),
-            "leaderboard.tex": latex(board),
-            "index.html": html_page(board, runs, status, plots, title=f"Leaderboard: {runs.root.resolve().name}"),
+            "leaderboard.tex": latex(board, study),
+            "index.html": html_page(board, runs, status, plots, title, study, figures),
         }
+        if study is not None:
+            pages |= {
+                "crossfamily.md": crossfamily_markdown(study),
+                "crossfamily.csv": crossfamily_csv(study, board),
+                "crossfamily.tex": crossfamily_latex(study),
+            }
         for name, text in pages.items():
             (out / name).write_text(text, encoding="utf-8")
     except OSError as err:
         raise UserError(f"cannot write the report to {out}: {err}") from err
-    return [out / name for name in pages] + [plot.path for plot in plots]
+    return [out / name for name in pages] + [plot.path for plot in plots + figures]
 
 
 if __name__ == "__main__":

@@ -141,6 +141,11 @@ def test_cli_writes_every_file_with_the_right_numbers(sweep: Path, tmp_path: Pat
         "lr-tiny-bert-toy-loss.png",
         "params-tiny-bert-toy-acc.png",
         "params-tiny-bert-toy-loss.png",
+        "crossfamily.md",
+        "crossfamily.csv",
+        "crossfamily.tex",
+        "cd_diagram.png",
+        "lr_windows.png",
     }
     assert all(
         (out / p).read_bytes().startswith(PNG_MAGIC)
@@ -188,10 +193,11 @@ def test_index_html_is_self_contained(sweep: Path, tmp_path: Path) -> None:
 
     external = [ref for ref in parser.refs if not ref.startswith(("data:", "#"))]
     assert external == []
-    assert not parser.tags & {"script", "link", "iframe", "object", "embed"}
+    # The one script is inline (it sorts the cross-family table): a `src` would be among the external references.
+    assert not parser.tags & {"link", "iframe", "object", "embed"} and page.count("<script") == 1
     assert all(ref[1:] in parser.ids for ref in parser.refs if ref.startswith("#"))
     images = [ref for ref in parser.refs if ref.startswith("data:image/png;base64,")]
-    assert len(images) == 4
+    assert len(images) == 6  # 4 figures per task, the critical-difference diagram, the learning-rate windows
     embedded = {base64.b64decode(ref.split(",", 1)[1]) for ref in images}
     assert embedded == {p.read_bytes() for p in out.glob("*.png")}
     assert "url(" not in page and "@import" not in page

@@ -9,16 +9,21 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display, and no GUI toolkit to import
 
 import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 from lorafactory.results.aggregate import AXES, Leaderboard, Runs, axis_position, format_lr  # noqa: E402
 from lorafactory.results.record import RECORD_NAME, read_record  # noqa: E402
+
+if TYPE_CHECKING:
+    from lorafactory.results.crossfamily import Study
 
 
 def format_count(value: float) -> str:
@@ -36,7 +41,8 @@ ARROWS = {"max": "↑", "min": "↓"}
 @dataclass(frozen=True)
 class Plot:
     kind: str
-    """`lr` (metric vs learning rate), `params` (metric vs adapter parameters) or `ranks` (a rank allocation)."""
+    """`lr` (metric vs learning rate), `params` (metric vs adapter parameters), `ranks` (a rank allocation), `cd` (a
+    critical-difference diagram across tasks) or `windows` (learning-rate windows); the last two span every task."""
     model: str
     task: str
     title: str
@@ -198,3 +204,105 @@ def rank_maps(board: Leaderboard, runs: Runs, out_dir: str | os.PathLike) -> lis
         path = out_dir / _file_name(f"ranks-{cell.variant}", cell.model, cell.task)
         plots.append(Plot("ranks", cell.model, cell.task, title, plot_ranks(ranks, path, title)))
     return plots
+
+
+# --- the study: critical-difference diagram and learning-rate windows ------------------------------------------------
+
+CD_FILE, WINDOWS_FILE = "cd_diagram.png", "lr_windows.png"
+
+
+def study_figures(study: Study, out_dir: str | os.PathLike) -> list[Plot]:
+    """The critical-difference diagram (when the study has a rank test) and the learning-rate windows (when some
+    variant tried more than one rate), written into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = []
+    test = study.rank_test
+    if test is not None:
+        title = (
+            f"Average ranks over {test.tasks} tasks (1 = best); bars join variants within the Nemenyi critical "
+            f"difference (α = {test.alpha:g})"
+        )
+        ranks = [float(r) for r in test.average_ranks]
+        cd = test.critical_difference
+        plots.append(cd_diagram(study.rank_variants, ranks, cd, study.rank_cliques, out_dir / CD_FILE, title))
+    if (study.windows["n_lrs"] >= 2).any():
+        plots.append(lr_window_plot(study.windows, list(study.variants["variant"]), out_dir / WINDOWS_FILE))
+    return plots
+
+
+def cd_diagram(
+    names: list[str], ranks: list[float], cd: float, groups: list[tuple[str, ...]], out: str | os.PathLike, title: str
+) -> Plot:
+    """Demšar's (2006, Fig. 1) critical-difference diagram: an axis of average ranks with the best (1) on the right,
+    each variant hanging from its rank to a label, the better half to the right and the rest to the left; thick bars
+    join the groups whose ranks differ by less than the critical difference, drawn above the axis as a scale."""
+    order = sorted(range(len(names)), key=lambda i: ranks[i])
+    k = len(names)
+    right, left = order[: (k + 1) // 2], order[(k + 1) // 2 :][::-1]  # labels nearest the axis ends come first
+    rows = max(len(right), len(left))
+    bar_step, label_step = 0.12, 0.3
+    bars_bottom = -0.2 - bar_step * len(groups)
+    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.3 * rows + 0.12 * len(groups)))
+    lowest, highest = 1, max(k, 2)
+    ax.plot([lowest, highest], [0, 0], color="black", lw=1)
+    for tick in range(lowest, highest + 1):
+        ax.plot([tick, tick], [0, 0.08], color="black", lw=1)
+        ax.text(tick, 0.13, str(tick), ha="center", va="bottom", fontsize=9)
+    # The CD as a scale bar above the axis, at the worse end.
+    ax.plot([highest, highest - cd], [0.55, 0.55], color="black", lw=1.5)
+    for end in (highest, highest - cd):
+        ax.plot([end, end], [0.5, 0.6], color="black", lw=1.5)
+    ax.text(highest - cd / 2, 0.63, f"CD = {cd:.2f}", ha="center", va="bottom", fontsize=9)
+    margin = 0.15 * (highest - lowest) + 0.4
+    for side, members, edge, align in ((1, right, lowest - margin, "left"), (-1, left, highest + margin, "right")):
+        for row, i in enumerate(members):
+            y = bars_bottom - label_step * (row + 1)
+            ax.plot([ranks[i], ranks[i], edge], [0, y, y], color="dimgray", lw=0.8)
+            offset = -0.05 if side == 1 else 0.05
+            ax.text(edge + offset, y, f"{names[i]} ({ranks[i]:.2f})", ha=align, va="center", fontsize=9)
+    for row, group in enumerate(groups):
+        group_ranks = [ranks[names.index(name)] for name in group]
+        y = -0.2 - bar_step * row
+        ax.plot([min(group_ranks) - 0.03, max(group_ranks) + 0.03], [y, y], color="black", lw=3.5)
+    ax.set_xlim(highest + margin + 0.1, lowest - margin - 0.1)  # reversed: rank 1, the best, on the right
+    ax.set_ylim(bars_bottom - label_step * (rows + 0.6), 0.85)
+    ax.axis("off")
+    ax.set_title(title, fontsize=10)
+    out = Path(out)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return Plot("cd", "", "", title, out)
+
+
+def lr_window_plot(windows: pd.DataFrame, order: list[str], out: str | os.PathLike) -> Plot:
+    """Each variant's learning-rate window (octaves within one point of its best) on every (model, task): one row per
+    variant in `order`, one marker per task; a hollow marker with an arrow is a lower bound (the window reached the
+    end of the grid)."""
+    windows = windows[windows["n_lrs"] >= 2]
+    variants = [v for v in order if v in set(windows["variant"])]
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.32 * len(variants)))
+    palette = plt.get_cmap("tab10")
+    tasks = list(dict.fromkeys(zip(windows["model"], windows["task"], strict=True)))
+    for t, (model, task) in enumerate(tasks):
+        here = windows[(windows["model"] == model) & (windows["task"] == task)]
+        y = [variants.index(v) + (t - (len(tasks) - 1) / 2) * 0.12 for v in here["variant"]]
+        edge = (here["at_edge"] != "").to_numpy()
+        colour = palette(t % palette.N)
+        label = f"{task} ({model})"
+        ax.scatter(here["width"][~edge], [v for v, e in zip(y, edge, strict=True) if not e], color=colour, label=label)
+        if edge.any():
+            ax.scatter(
+                here["width"][edge],
+                [v for v, e in zip(y, edge, strict=True) if e],
+                facecolors="none",
+                edgecolors=[colour],
+                marker=">",
+                label=None if (~edge).any() else label,
+            )
+    ax.set_yticks(range(len(variants)), variants, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("learning-rate window within one point of the best (octaves); ▷ = at the grid's edge, wider")
+    ax.set_xlim(left=0)
+    title = "Learning-rate sensitivity: how far the rate can move at a cost of one point"
+    return _save(fig, ax, title, Plot("windows", "", "", title, Path(out)))
