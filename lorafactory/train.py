@@ -63,8 +63,9 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, overrides: list[str] | None
         started, t0 = datetime.now(UTC), time.perf_counter()
         base = _identity(cfg, run_dir, overrides or [])
         stopped: BaseException | None = None
+        late_signal: list[int | None] = []
         try:
-            record = _train(cfg, run_dir, base, t0)
+            record = _train(cfg, run_dir, base, t0, late_signal)
         except Diverged as err:
             record = RunRecord(**base, status="diverged", error=str(err))
         except Interrupted as err:
@@ -78,10 +79,15 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, overrides: list[str] | None
         write_record(run_dir, record)
         if stopped is not None:
             raise stopped
+        if late_signal and late_signal[0] is not None:  # training was over when it came: the run is done and recorded
+            raise Interrupted(late_signal[0], None, finished=True)
         return record
 
 
-def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any], t0: float) -> RunRecord:
+def _train(
+    cfg: DictConfig, run_dir: Path, base: dict[str, Any], t0: float, late_signal: list[int | None]
+) -> RunRecord:
+    """The run itself; `late_signal` receives the signal that came after training was over, if any."""
     # Every value checked before anything heavy is built (the CLI has checked them already; sweeps reach here too).
     validate(cfg)
     cache_dir = writable_dir(Path(cfg.paths.cache_dir), "paths.cache_dir (LORAFACTORY_CACHE)")
@@ -159,18 +165,22 @@ def _train(cfg: DictConfig, run_dir: Path, base: dict[str, Any], t0: float) -> R
         default_root_dir=run_dir,
         callbacks=callbacks,
     )
+    # Until the run is recorded, a signal is ours: during training it stops at the next step with a checkpoint; once
+    # training is over (the last validation, the final evaluation) the run finishes and records itself, and the
+    # signal stops what comes after it (`run` raises it then: a sweep must not start its next run).
     signals.install()
     try:
         trainer.fit(module, train_loader, data.eval_loader(), ckpt_path=resume, weights_only=True)
         if not module.history or module.history[-1]["step"] != trainer.global_step:
             trainer.validate(module, data.eval_loader(), verbose=False)
+
+        # The final evaluation on the test subset, for tasks that have one (generation, option scoring): merged when
+        # the variant merges, so it costs what the base model costs.
+        test = evaluator(model, "test")
+        selection = module.score(data.selection_loader()) if data.selection is not None else None
     finally:
         signals.uninstall()
-
-    # The final evaluation on the test subset, for tasks that have one (generation, option scoring): merged when the
-    # variant merges, so it costs what the base model costs.
-    test = evaluator(model, "test")
-    selection = module.score(data.selection_loader()) if data.selection is not None else None
+    late_signal.append(signals.signum)
 
     # Record: final metrics (the test evaluation's, else the last validation's) and the best validation, by the
     # task's declared primary metric and direction.

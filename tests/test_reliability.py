@@ -147,13 +147,31 @@ def test_a_signal_checkpoints_records_interrupted_and_a_relaunch_resumes(workdir
 
 
 def test_a_signalled_sweep_stops_with_a_summary(workdir):
-    process = start("-m", *LONG, "name=stopped", "seed=0,1", cwd=workdir)
+    process = start("-m", *LONGER, "name=stopped", "seed=0,1", cwd=workdir)
     wait_for(first_checkpoint(workdir / "runs"), process)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 143, err
     assert "interrupted             1" in out  # the summary, and the second run was not started
     assert len(records(workdir / "runs")) == 1
+
+
+def test_a_signal_after_training_records_the_run_ok_and_stops_the_sweep(workdir):
+    """SIGTERM during the last validation, when no training step is left to stop at: the run finishes and is recorded
+    `ok`, and the sweep stops there, exit 143, instead of losing the signal and starting its next run."""
+    script = Path(__file__).with_name("signal_at_last_validation.py")
+    result = subprocess.run(
+        [sys.executable, str(script), "-m", *TINY, "name=late", "seed=0,1"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ,
+    )
+    assert result.returncode == 143, result.stderr[-3000:]
+    assert "interrupted by SIGTERM after the run had finished training (recorded ok)" in result.stderr
+    [record] = records(workdir / "runs").values()
+    assert record.status == "ok" and record.seed == 0  # recorded, and seed 1 never started
 
 
 # --- 3. a resumed run is the run it would have been ----------------------------------------------------------------

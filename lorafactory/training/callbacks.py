@@ -294,11 +294,17 @@ class Interrupted(Exception):
     """Training stopped on a signal (SIGTERM: scancel, preemption, `timeout`; SIGUSR1: SLURM's warning before a time
     limit), after saving a checkpoint to resume from."""
 
-    def __init__(self, signum: int, checkpoint: Path | None):
+    def __init__(self, signum: int, checkpoint: Path | None, finished: bool = False):
         self.signum = signum
         self.checkpoint = checkpoint
+        self.finished = finished
+        """The signal came after training: the run finished and is recorded `ok`; only what came next is stopped."""
+        name = signal.Signals(signum).name
+        if finished:
+            super().__init__(f"interrupted by {name} after the run had finished training (recorded ok); stopping")
+            return
         where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint"
-        super().__init__(f"interrupted by {signal.Signals(signum).name} ({where}); launch again to resume")
+        super().__init__(f"interrupted by {name} ({where}); launch again to resume")
 
     @property
     def exit_code(self) -> int:

@@ -254,7 +254,8 @@ def test_every_variant_runs_on_a_quantized_base_or_refuses_in_one_line(variant):
     batch = batch_for(loaded, batch_size=4)
     v.init_from_data(model, iter([batch] * 100), lambda m, b: m(**b).loss)
     perturb(model)
-    model(**batch).loss.backward()
+    aux = v.aux_loss(model)  # as the training loop adds it: gates (Bayesian-LoRA's) may learn from it alone at first
+    (model(**batch).loss + (0 if aux is None else aux)).backward()
     trained = [p for p in model.parameters() if p.requires_grad]  # the adapter's and the head's
     assert trained and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
     if v.mergeable:
