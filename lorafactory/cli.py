@@ -32,6 +32,11 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+    # Lightning cannot see that our loader resumes mid-epoch (`training.callbacks.DataProgress` restores its position
+    # and the random state), so it warns on every resume that results may be unreliable: they are exact (tested).
+    warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended before the epoch ended.*")
+    # torch's deprecation inside Lightning's own pytree helper: nothing a user can act on.
+    warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
