@@ -1,0 +1,83 @@
+"""`python -m lorafactory.export RUN_DIR --merged OUT`: a finished run's model with its update folded into the
+weights, saved as a plain transformers model (`AutoModelFor...from_pretrained(OUT)`), with its tokenizer.
+
+The run folder must hold `result.json` (its resolved config says how the model, task head and variant were built)
+and `adapter.pt` (written unless the run said `save_adapter=false`). A variant whose update depends on the input
+(MoE-LoRA) has no merged form and is refused in one line, as are models that are not transformers models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from lorafactory.errors import UserError
+from lorafactory.models import build_model, unfreeze
+from lorafactory.results.record import RECORD_NAME, read_record
+from lorafactory.tasks import get_task
+from lorafactory.variants.base import build_variant, load_adapter_state_dict, merge_and_unload
+
+ADAPTER_NAME = "adapter.pt"
+
+
+def load_run(run_dir: str | Path) -> tuple[nn.Module, object, object]:
+    """(adapted model with the run's trained state, its tokenizer or image spec, the variant) rebuilt from a run."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RECORD_NAME).is_file():
+        raise UserError(f"{run_dir} is not a run folder: it has no {RECORD_NAME}")
+    record = read_record(run_dir)
+    if record.status != "ok":
+        raise UserError(f"{run_dir}: the run's status is {record.status!r}; only finished (ok) runs can be exported")
+    state_path = run_dir / ADAPTER_NAME
+    if not state_path.is_file():
+        raise UserError(f"{run_dir} has no {ADAPTER_NAME}: the run was launched with save_adapter=false")
+    cfg = OmegaConf.create(record.config)
+    task = get_task(cfg.task)
+    loaded = build_model(cfg.model, task.num_labels, task_head=cfg.task.get("train_in_full") or (), kind=task.head)
+    variant = build_variant(cfg.variant)
+    variant.adapt(loaded.module, head=loaded.not_adapted)
+    unfreeze(loaded.module, loaded.head)
+    load_adapter_state_dict(loaded.module, torch.load(state_path, map_location="cpu", weights_only=True))
+    return loaded.module.eval(), loaded.tokenizer, variant
+
+
+def export_merged(run_dir: str | Path, out: str | Path) -> Path:
+    """Fold the run's update into its model and save it with `save_pretrained` (and the tokenizer) into `out`."""
+    model, tokenizer, variant = load_run(run_dir)
+    if not variant.mergeable:
+        raise UserError(f"variant={variant.name} has no merged form: its update depends on the input")
+    if not hasattr(model, "save_pretrained"):
+        raise UserError(f"the run's model ({type(model).__name__}) is not a transformers model: no merged export")
+    merged = merge_and_unload(model)
+    out = Path(out)
+    merged.save_pretrained(out)
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lorafactory.export",
+        description="Export a finished run: --merged writes its model with the update folded in, loadable by "
+        "transformers' from_pretrained.",
+    )
+    parser.add_argument("run_dir", type=Path, help="a run folder (runs/<name>/<model>/<task>/<variant>/<id>)")
+    parser.add_argument("--merged", type=Path, required=True, help="where to write the merged model")
+    args = parser.parse_args(argv)
+    try:
+        out = export_merged(args.run_dir, args.merged)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"merged model written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
