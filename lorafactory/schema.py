@@ -175,6 +175,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "scheduler.kind": one_of("linear", "cosine", "constant"),
     "scheduler.warmup_ratio": number(0, 1),
     "trainer.devices": integer(1),
+    "trainer.device_slots": integer(1, optional=True),
     "trainer.evals_per_epoch": integer(1),
     "trainer.gradient_clip_val": number(0, optional=True),
     "trainer.log_every_n_steps": integer(1),

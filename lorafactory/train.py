@@ -10,6 +10,8 @@ import subprocess
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -27,6 +29,7 @@ from lorafactory.quantize import parameter_count
 from lorafactory.results.record import RECORD_NAME, RunRecord, read_record, write_record
 from lorafactory.runlock import RunLock
 from lorafactory.schema import validate
+from lorafactory.slots import DeviceSlot, pin_to_cpu_share, slot_folder
 from lorafactory.tasks import Evaluation, get_task
 from lorafactory.tasks.data import resolve_data_dir
 from lorafactory.training.callbacks import (
@@ -65,7 +68,8 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, overrides: list[str] | None
         stopped: BaseException | None = None
         late_signal: list[int | None] = []
         try:
-            record = _train(cfg, run_dir, base, t0, late_signal)
+            with _device_slot(cfg) as device:
+                record = _train(cfg, run_dir, base, t0, late_signal, device)
         except Diverged as err:
             record = RunRecord(**base, status="diverged", error=str(err))
         except Interrupted as err:
@@ -84,15 +88,38 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, overrides: list[str] | None
         return record
 
 
+@contextmanager
+def _device_slot(cfg: DictConfig) -> Iterator[str | None]:
+    """With `trainer.device_slots=N`: hold a free slot of this node for the run (`lorafactory.slots`) and say which
+    device it is (`gpu:<i>`, or `cpu:<cores>` once the process is pinned to its share); else nothing."""
+    n = cfg.trainer.get("device_slots")
+    if not n:
+        yield None
+        return
+    with DeviceSlot(slot_folder(cfg.paths.runs), int(n)) as slot:
+        if cfg.trainer.accelerator in ("gpu", "cuda"):
+            yield f"gpu:{slot.index}"
+        else:
+            cores = pin_to_cpu_share(slot.index, int(n))
+            torch.set_num_threads(len(cores))
+            yield "cpu:" + ",".join(map(str, cores))
+
+
 def _train(
-    cfg: DictConfig, run_dir: Path, base: dict[str, Any], t0: float, late_signal: list[int | None]
+    cfg: DictConfig,
+    run_dir: Path,
+    base: dict[str, Any],
+    t0: float,
+    late_signal: list[int | None],
+    device: str | None = None,
 ) -> RunRecord:
-    """The run itself; `late_signal` receives the signal that came after training was over, if any."""
+    """The run itself on `device` (a slot of `_device_slot`, or the trainer's devices); `late_signal` receives the
+    signal that came after training was over, if any."""
     # Every value checked before anything heavy is built (the CLI has checked them already; sweeps reach here too).
     validate(cfg)
     cache_dir = writable_dir(Path(cfg.paths.cache_dir), "paths.cache_dir (LORAFACTORY_CACHE)")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if cfg.get("threads"):
+    if cfg.get("threads") and not (device or "").startswith("cpu:"):  # a CPU slot sets its own share
         torch.set_num_threads(int(cfg.threads))
 
     # What to train: task, model and variant. The task decides the model's head (classification or causal LM).
@@ -151,7 +178,7 @@ def _train(
     ]
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
+        devices=[int(device[4:])] if device and device.startswith("gpu:") else cfg.trainer.devices,
         precision=cfg.trainer.precision,
         max_epochs=cfg.task.epochs,
         max_steps=cfg.task.max_steps or -1,
@@ -214,6 +241,7 @@ def _train(
         steps=trainer.global_step,
         train_samples=len(data.train),
         eval_samples=len(data.eval),
+        device=device,
         wall_time_s=stats.wall_s,
         **stats.summary(),
     )

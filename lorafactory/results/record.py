@@ -105,6 +105,8 @@ class RunRecord:
     """Wall time of the run, every attempt included (each up to the checkpoint the next one resumed from)."""
     resumed: int = 0
     """How many times the run resumed from a checkpoint."""
+    device: str | None = None
+    """The device slot the run held (`trainer.device_slots`): `gpu:<i>`, or `cpu:<cores>` it was pinned to."""
     data_note: str | None = None
     """Set when the splits differ from the published ones (e.g. carved from validation): not comparable to papers."""
     error: str | None = None
