@@ -1,5 +1,7 @@
 """`python -m lorafactory.export RUN_DIR --merged OUT`: a finished run's model with its update folded into the
 weights, saved as a plain transformers model (`AutoModelFor...from_pretrained(OUT)`), with its tokenizer.
+`--peft OUT`: the run's adapter as a PEFT adapter (`PeftModel.from_pretrained(base, OUT)`), for the variants whose
+state maps one to one onto PEFT's (`PEFT_EXPORT`).
 
 The run folder must hold `result.json` (its resolved config says how the model, task head and variant were built)
 and `adapter.pt` (written unless the run said `save_adapter=false`). A variant whose update depends on the input
@@ -26,7 +28,8 @@ ADAPTER_NAME = "adapter.pt"
 
 
 def load_run(run_dir: str | Path) -> tuple[nn.Module, object, object]:
-    """(adapted model with the run's trained state, its tokenizer or image spec, the variant) rebuilt from a run."""
+    """(adapted model with the run's trained state, its tokenizer or image spec, the variant) rebuilt from a run.
+    The variant's `head` attribute names the modules trained in full."""
     run_dir = Path(run_dir)
     if not (run_dir / RECORD_NAME).is_file():
         raise UserError(f"{run_dir} is not a run folder: it has no {RECORD_NAME}")
@@ -43,7 +46,51 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, object, object]:
     variant.adapt(loaded.module, head=loaded.not_adapted)
     unfreeze(loaded.module, loaded.head)
     load_adapter_state_dict(loaded.module, torch.load(state_path, map_location="cpu", weights_only=True))
+    variant.head = loaded.head
     return loaded.module.eval(), loaded.tokenizer, variant
+
+
+PEFT_EXPORT = {
+    "lora": {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
+    "rslora": {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
+    "loraplus": {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
+    "dora": {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"},
+}
+"""Per variant, our adapter layer's state keys and PEFT's names for them (PEFT's `LoraConfig` with the variant's own
+settings, `Variant.peft_config`). Variants PEFT has with a state of another shape (PiSSA's rewritten base, VeRA's
+shared bases, ...) are not exported yet."""
+
+
+def export_peft(run_dir: str | Path, out: str | Path) -> Path:
+    """Write the run's adapter (and trained head, as PEFT's `modules_to_save`) in PEFT's layout into `out`."""
+    from safetensors.torch import save_file
+
+    from lorafactory.variants.base import adapter_state_dict, named_adapter_layers
+
+    model, _, variant = load_run(run_dir)
+    keys = PEFT_EXPORT.get(variant.name)
+    if keys is None:
+        supported = ", ".join(sorted(PEFT_EXPORT))
+        raise UserError(f"variant={variant.name} has no PEFT export (it exists for {supported}); use --merged")
+    layers = dict(named_adapter_layers(model))
+    convs = [name for name, layer in layers.items() if not isinstance(layer.base, nn.Linear)]
+    if convs:
+        raise UserError(
+            f"the PEFT export covers linear layers; '{convs[0]}' is a {type(layers[convs[0]].base).__name__}"
+        )
+    tensors = {}
+    for key, value in adapter_state_dict(model).items():
+        layer, _, leaf = key.rpartition(".")
+        if layer in layers:
+            if leaf not in keys:
+                raise UserError(f"variant={variant.name}: no PEFT name for the state '{key}'")
+            key = f"{layer}.{keys[leaf]}"
+        tensors[f"base_model.model.{key}"] = value.contiguous()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    variant.peft_config(sorted(layers), list(variant.head)).save_pretrained(str(out))
+    return out
 
 
 def export_merged(run_dir: str | Path, out: str | Path) -> Path:
@@ -65,17 +112,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lorafactory.export",
         description="Export a finished run: --merged writes its model with the update folded in, loadable by "
-        "transformers' from_pretrained.",
+        "transformers' from_pretrained; --peft writes its adapter for PEFT's PeftModel.from_pretrained.",
     )
     parser.add_argument("run_dir", type=Path, help="a run folder (runs/<name>/<model>/<task>/<variant>/<id>)")
-    parser.add_argument("--merged", type=Path, required=True, help="where to write the merged model")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--merged", type=Path, help="where to write the merged model (transformers from_pretrained)")
+    what.add_argument("--peft", type=Path, help="where to write the adapter in PEFT's layout (PeftModel)")
     args = parser.parse_args(argv)
     try:
-        out = export_merged(args.run_dir, args.merged)
+        out = export_merged(args.run_dir, args.merged) if args.merged else export_peft(args.run_dir, args.peft)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"merged model written to {out}")
+    print(f"{'merged model' if args.merged else 'PEFT adapter'} written to {out}")
     return 0
 
 

@@ -58,3 +58,34 @@ def test_what_cannot_be_exported_says_why_in_one_line(workdir):
     assert result.returncode == 2 and "launched with save_adapter=false" in result.stderr
     result = export(workdir, workdir / "out")
     assert result.returncode == 2 and "is not a run folder" in result.stderr
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "rslora"])
+def test_a_peft_export_loads_in_peft_and_computes_the_same(workdir, variant):
+    from conftest import tiny
+    from peft import PeftModel
+
+    run_dir = trained(workdir, variant)
+    result = subprocess.run(
+        [sys.executable, "-m", "lorafactory.export", str(run_dir), "--peft", str(workdir / "peft")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    base = tiny("tiny-bert", 2).module  # the same base the run adapted (built deterministically from its config)
+    theirs = PeftModel.from_pretrained(base, workdir / "peft").eval()
+    ours, tokenizer, _ = load_run(run_dir)
+    batch = tokenizer(["a fine film", "dull and slow, awful"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**batch).logits, ours(**batch).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_a_variant_without_a_peft_export_says_so(workdir):
+    result = subprocess.run(
+        [sys.executable, "-m", "lorafactory.export", str(trained(workdir, "vera")), "--peft", str(workdir / "p")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "variant=vera has no PEFT export (it exists for dora, lora" in result.stderr
