@@ -3,17 +3,14 @@ the fallback on widths the butterfly does not tile) and parity with PEFT's butte
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from conftest import batch_for, tiny
+from peft_twin import with_peft_twin
 from torch import nn
 
 from lorafactory.errors import ConfigError
-from lorafactory.models import unfreeze
 from lorafactory.variants import build_variant
-from lorafactory.variants.base import find_targets
 from lorafactory.variants.boft import BOFTLinear, fit_butterfly
 from lorafactory.variants.oft import RotatedLayer
 
@@ -152,13 +149,9 @@ def test_boft_matches_peft(factors, path, monkeypatch):
 
     monkeypatch.setattr(boft_layer, "_FBD_CUDA", TorchBlockDiagKernel)
     monkeypatch.setattr(RotatedLayer, "merge_pays", lambda self, x: path == "merged")
-    loaded = tiny("tiny-bert")
-    theirs = copy.deepcopy(loaded.module)
-    names = find_targets(loaded.module, "all-linear", loaded.head)
-    variant = build_variant({"name": "boft", "block_size": 8, "butterfly_factors": factors, "targets": "all-linear"})
-    variant.adapt(loaded.module, head=loaded.head)
-    unfreeze(loaded.module, loaded.head)
-    theirs = peft.get_peft_model(theirs, variant.peft_config(names, list(loaded.head)))
+    loaded, variant, theirs, names = with_peft_twin(
+        "tiny-bert", {"name": "boft", "block_size": 8, "butterfly_factors": factors, "targets": "all-linear"}
+    )
     ours = loaded.module
     g = torch.Generator().manual_seed(0)
     rows, cols = torch.triu_indices(8, 8, 1)

@@ -3,17 +3,14 @@ is reached, the decoupling of direction and strength, the frozen column norms) a
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from conftest import batch_for, tiny
+from conftest import batch_for
+from peft_twin import with_peft_twin
 from torch import nn
 
 from lorafactory.errors import ConfigError
-from lorafactory.models import unfreeze
 from lorafactory.variants import build_variant
-from lorafactory.variants.base import find_targets
 from lorafactory.variants.delora import DeLoRALinear
 
 
@@ -94,14 +91,9 @@ def test_lambda_must_be_positive():
 
 
 def test_delora_matches_peft():
-    peft = pytest.importorskip("peft")
-    loaded = tiny("tiny-llama")
-    theirs = copy.deepcopy(loaded.module)
-    names = find_targets(loaded.module, "all-linear", loaded.head)
-    variant = build_variant({"name": "delora", "r": 4, "delora_lambda": 5.0, "targets": "all-linear"})
-    variant.adapt(loaded.module, head=loaded.head)
-    unfreeze(loaded.module, loaded.head)
-    theirs = peft.get_peft_model(theirs, variant.peft_config(names, list(loaded.head)))
+    loaded, variant, theirs, names = with_peft_twin(
+        "tiny-llama", {"name": "delora", "r": 4, "delora_lambda": 5.0, "targets": "all-linear"}
+    )
     ours = loaded.module
     g = torch.Generator().manual_seed(0)
     pairs = [(ours.get_submodule(n), theirs.base_model.model.get_submodule(n)) for n in names]

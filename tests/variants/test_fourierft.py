@@ -3,18 +3,17 @@ the whole spectrum on small layers, the two inits, the head's learning rate) and
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 from conftest import batch_for, tiny
+from peft_twin import with_peft_twin
 from torch import nn
 
 from lorafactory.errors import ConfigError
 from lorafactory.models import unfreeze
 from lorafactory.variants import adapter_layers, build_variant
-from lorafactory.variants.base import find_targets
 from lorafactory.variants.fourierft import FourierFTLinear, spectral_locations
 
 
@@ -88,14 +87,9 @@ def test_the_head_keeps_the_task_rate_and_the_spectra_take_the_run_rate():
 
 def test_fourierft_matches_peft():
     """PEFT's gaussian init (ours copied into theirs), 100 frequencies: the same locations, logits and gradients."""
-    peft = pytest.importorskip("peft")
-    loaded = tiny("tiny-bert")
-    theirs = copy.deepcopy(loaded.module)
-    names = find_targets(loaded.module, "all-linear", loaded.head)
-    variant = build_variant({"name": "fourierft", "n_frequency": 100, "scaling": 20.0, "targets": "all-linear"})
-    variant.adapt(loaded.module, head=loaded.head)
-    unfreeze(loaded.module, loaded.head)
-    theirs = peft.get_peft_model(theirs, variant.peft_config(names, list(loaded.head)))
+    loaded, variant, theirs, names = with_peft_twin(
+        "tiny-bert", {"name": "fourierft", "n_frequency": 100, "scaling": 20.0, "targets": "all-linear"}
+    )
     ours = loaded.module
     g = torch.Generator().manual_seed(0)
     pairs = [(ours.get_submodule(n), theirs.base_model.model.get_submodule(n)) for n in names]

@@ -3,16 +3,12 @@ unmerge, nothing dense kept between the passes) and parity with PEFT's HiRA."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from conftest import batch_for, tiny
+from conftest import batch_for
+from peft_twin import with_peft_twin
 from torch import nn
 
-from lorafactory.models import unfreeze
-from lorafactory.variants import build_variant
-from lorafactory.variants.base import find_targets
 from lorafactory.variants.hira import HiRALinear
 
 
@@ -97,14 +93,7 @@ def test_no_dense_tensor_is_kept_between_forward_and_backward():
 
 
 def test_hira_matches_peft():
-    peft = pytest.importorskip("peft")
-    loaded = tiny("tiny-llama")
-    theirs = copy.deepcopy(loaded.module)
-    names = find_targets(loaded.module, "all-linear", loaded.head)
-    variant = build_variant({"name": "hira", "r": 4, "targets": "all-linear"})
-    variant.adapt(loaded.module, head=loaded.head)
-    unfreeze(loaded.module, loaded.head)
-    theirs = peft.get_peft_model(theirs, variant.peft_config(names, list(loaded.head)))
+    loaded, variant, theirs, names = with_peft_twin("tiny-llama", {"name": "hira", "r": 4, "targets": "all-linear"})
     ours = loaded.module
     g = torch.Generator().manual_seed(0)
     pairs = [(ours.get_submodule(n), theirs.base_model.model.get_submodule(n)) for n in names]

@@ -3,17 +3,14 @@ the paired identity init, the regulariser) and parity with PEFT's HRA."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from conftest import batch_for, tiny
+from conftest import batch_for
+from peft_twin import with_peft_twin
 from torch import nn
 
 from lorafactory.errors import ConfigError
-from lorafactory.models import unfreeze
 from lorafactory.variants import adapter_layers, build_variant
-from lorafactory.variants.base import find_targets
 from lorafactory.variants.hra import HRALinear
 from lorafactory.variants.oft import RotatedLayer
 
@@ -107,15 +104,8 @@ def test_merged_weight_and_rotated_input_paths_agree(monkeypatch):
 
 @pytest.mark.parametrize("path", ["merged", "rotated"])
 def test_hra_matches_peft(path, monkeypatch):
-    peft = pytest.importorskip("peft")
     monkeypatch.setattr(RotatedLayer, "merge_pays", lambda self, x: path == "merged")
-    loaded = tiny("tiny-llama")
-    theirs = copy.deepcopy(loaded.module)
-    names = find_targets(loaded.module, "all-linear", loaded.head)
-    variant = build_variant({"name": "hra", "r": 4, "targets": "all-linear"})
-    variant.adapt(loaded.module, head=loaded.head)
-    unfreeze(loaded.module, loaded.head)
-    theirs = peft.get_peft_model(theirs, variant.peft_config(names, list(loaded.head)))
+    loaded, variant, theirs, names = with_peft_twin("tiny-llama", {"name": "hra", "r": 4, "targets": "all-linear"})
     ours = loaded.module
     g = torch.Generator().manual_seed(0)
     pairs = [(ours.get_submodule(n), theirs.base_model.model.get_submodule(n)) for n in names]

@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import batch_for, tiny
 from omegaconf import OmegaConf
+from peft_twin import with_peft_twin
 from torch import nn
 
 from lorafactory.models import unfreeze
 from lorafactory.training.optim import warmup_schedule
 from lorafactory.variants import adapter_layers, adapter_state_dict, build_variant, load_adapter_state_dict
-from lorafactory.variants.base import find_targets
 
 OPTIM = {"lr": 1e-2, "weight_decay": 0.01, "optimizer": {"betas": [0.9, 0.999], "eps": 1e-8}}
 
@@ -163,17 +163,14 @@ def test_resuming_from_a_checkpoint_continues_the_uninterrupted_run():
 def test_lora_fa_matches_peft(monkeypatch):
     """Same weights, same batches: outputs, B's gradients and B after three optimizer steps agree with PEFT's
     `create_lorafa_optimizer` (its bf16 autocast off, eps → 0 in both, where HF's and torch's AdamW coincide)."""
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     import peft.optimizers.lorafa as peft_lorafa
 
     monkeypatch.setattr(peft_lorafa, "is_bf16_available", lambda: False)
-    loaded = tiny("tiny-bert")
-    theirs = copy.deepcopy(loaded.module)
-    names = find_targets(loaded.module, "all-linear", loaded.head)
-    variant = build_variant({"name": "lora_fa", "targets": "all-linear", "r": 4, "alpha": 8})
-    variant.adapt(loaded.module, head=loaded.head)
-    unfreeze(loaded.module, loaded.head)
-    theirs = peft.get_peft_model(theirs, variant.peft_config(names, list(loaded.head))).double()
+    loaded, variant, theirs, names = with_peft_twin(
+        "tiny-bert", {"name": "lora_fa", "targets": "all-linear", "r": 4, "alpha": 8}
+    )
+    theirs = theirs.double()
     ours = loaded.module.double()  # Adam's first steps are sign-like: fp32 rounding would flip near-zero entries
     no_dropout(ours, theirs)
     inner = theirs.base_model.model

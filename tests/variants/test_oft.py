@@ -8,12 +8,11 @@ import copy
 import pytest
 import torch
 from conftest import batch_for, tiny
+from peft_twin import with_peft_twin
 from torch import nn
 
 from lorafactory.errors import ConfigError
-from lorafactory.models import unfreeze
 from lorafactory.variants import adapter_layers, build_variant
-from lorafactory.variants.base import find_targets
 from lorafactory.variants.oft import OFTLinear, RotatedLayer, cayley, fit_block_size
 
 peft = pytest.importorskip("peft")
@@ -130,13 +129,7 @@ def test_oft_matches_peft_exact_cayley(model, path, monkeypatch):
     gradient for every generator, on both of our paths. PEFT's default Neumann series is approximate, so its exact
     Cayley is the twin."""
     force_path(monkeypatch, path)
-    loaded = tiny(model)
-    theirs = copy.deepcopy(loaded.module)
-    names = find_targets(loaded.module, "all-linear", loaded.head)
-    variant = build_variant({"name": "oft", "block_size": 16, "targets": "all-linear"})
-    variant.adapt(loaded.module, head=loaded.head)
-    unfreeze(loaded.module, loaded.head)
-    theirs = peft.get_peft_model(theirs, variant.peft_config(names, list(loaded.head)))
+    loaded, variant, theirs, names = with_peft_twin(model, {"name": "oft", "block_size": 16, "targets": "all-linear"})
     ours = loaded.module
     g = torch.Generator().manual_seed(0)
     pairs = [(ours.get_submodule(n), theirs.base_model.model.get_submodule(n)) for n in names]

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
-from conftest import batch_for, tiny
+from conftest import batch_for
+from peft_twin import with_peft_twin
 from torch import nn
 
 import lorafactory.variants.lora as lora_module
-from lorafactory.models import unfreeze
 from lorafactory.variants import adapter_layers, adapter_state_dict, build_variant
-from lorafactory.variants.base import find_targets
 
 
 def adapted(d_in: int, d_out: int, **cfg) -> nn.Module:
@@ -105,15 +103,8 @@ def test_randlora_matches_peft(path, monkeypatch):
     in different orders, a fixed pairing of random columns: the copy reorders B to the same pairing), same λ and γ:
     same outputs and gradients. In float64: at s = 20 the first attention layer's gradients are tiny differences of
     large terms, which float32 rounds to ~1e-4 of the largest gradient in either implementation."""
-    peft = pytest.importorskip("peft")
     monkeypatch.setattr(lora_module, "MERGE_THRESHOLD", 0.0 if path == "merged" else math.inf)
-    loaded = tiny("tiny-bert")
-    theirs = copy.deepcopy(loaded.module)
-    names = find_targets(loaded.module, "all-linear", loaded.head)
-    variant = build_variant({"name": "randlora", "r": 4, "targets": "all-linear"})
-    variant.adapt(loaded.module, head=loaded.head)
-    unfreeze(loaded.module, loaded.head)
-    theirs = peft.get_peft_model(theirs, variant.peft_config(names, list(loaded.head)))
+    loaded, variant, theirs, names = with_peft_twin("tiny-bert", {"name": "randlora", "r": 4, "targets": "all-linear"})
     ours = loaded.module
     n, r, m = 8, 4, 32  # every tiny-bert layer has min(d_in, d_out) = 32
     with torch.no_grad():

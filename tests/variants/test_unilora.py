@@ -3,18 +3,17 @@ LoRA entries') and parity with PEFT's Uni-LoRA."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
-from conftest import batch_for, tiny
+from conftest import batch_for
+from peft_twin import with_peft_twin
 from torch import nn
 
 import lorafactory.variants.lora as lora_module
-from lorafactory.models import unfreeze
 from lorafactory.variants import adapter_layers, adapter_parameters, adapter_state_dict, build_variant
-from lorafactory.variants.base import count_trainable, find_targets
+from lorafactory.variants.base import count_trainable
 from lorafactory.variants.unilora import normalise
 
 D_ENTRIES = 3 * (10 + 8) + 3 * (8 + 6)  # r · (d_in + d_out) over both layers = 96
@@ -94,15 +93,10 @@ def test_unilora_gradient_is_the_projected_gradient_of_the_lora_entries(threshol
 @pytest.mark.parametrize("path", ["merged", "two-branch"])
 def test_unilora_matches_peft(path, monkeypatch):
     """PEFT's slot assignment and θ copied into ours: same outputs and the same gradient for θ."""
-    peft = pytest.importorskip("peft")
     monkeypatch.setattr(lora_module, "MERGE_THRESHOLD", 0.0 if path == "merged" else math.inf)
-    loaded = tiny("tiny-bert")
-    theirs = copy.deepcopy(loaded.module)
-    names = find_targets(loaded.module, "all-linear", loaded.head)
-    variant = build_variant({"name": "unilora", "targets": "all-linear", "r": 4, "theta_d_length": 200})
-    variant.adapt(loaded.module, head=loaded.head)
-    unfreeze(loaded.module, loaded.head)
-    theirs = peft.get_peft_model(theirs, variant.peft_config(names, list(loaded.head)))
+    loaded, variant, theirs, names = with_peft_twin(
+        "tiny-bert", {"name": "unilora", "targets": "all-linear", "r": 4, "theta_d_length": 200}
+    )
     ours = loaded.module
     their_theta = theirs.base_model.unilora_theta_d["default"]
     with torch.no_grad():

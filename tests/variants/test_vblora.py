@@ -3,18 +3,17 @@ parity with PEFT's VB-LoRA."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
-from conftest import batch_for, tiny
+from conftest import batch_for
+from peft_twin import with_peft_twin
 from torch import nn
 
 import lorafactory.variants.lora as lora_module
-from lorafactory.models import unfreeze
 from lorafactory.variants import adapter_layers, adapter_parameters, build_variant
-from lorafactory.variants.base import count_trainable, find_targets
+from lorafactory.variants.base import count_trainable
 
 CFG = {"r": 3, "num_vectors": 10, "vector_length": 4, "topk": 2}
 
@@ -93,17 +92,11 @@ def test_vblora_logits_train_faster_than_the_bank():
 def test_vblora_matches_peft(path, monkeypatch):
     """b = 32 divides every tiny-bert dimension (PEFT requires it): same bank, same logits, same outputs and
     gradients."""
-    peft = pytest.importorskip("peft")
     monkeypatch.setattr(lora_module, "MERGE_THRESHOLD", 0.0 if path == "merged" else math.inf)
-    loaded = tiny("tiny-bert")
-    theirs = copy.deepcopy(loaded.module)
-    names = find_targets(loaded.module, "all-linear", loaded.head)
-    variant = build_variant(
-        {"name": "vblora", "targets": "all-linear", "r": 4, "num_vectors": 16, "vector_length": 32, "topk": 2}
+    loaded, variant, theirs, names = with_peft_twin(
+        "tiny-bert",
+        {"name": "vblora", "targets": "all-linear", "r": 4, "num_vectors": 16, "vector_length": 32, "topk": 2},
     )
-    variant.adapt(loaded.module, head=loaded.head)
-    unfreeze(loaded.module, loaded.head)
-    theirs = peft.get_peft_model(theirs, variant.peft_config(names, list(loaded.head)))
     ours = loaded.module
     pairs = [(ours.get_submodule(n), theirs.base_model.model.get_submodule(n)) for n in names]
     their_bank = theirs.base_model.vblora_vector_bank["default"]

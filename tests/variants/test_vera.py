@@ -3,18 +3,16 @@ layer machinery in vera.py that the other shared-state variants reuse."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
-from conftest import batch_for, tiny
+from conftest import batch_for
+from peft_twin import with_peft_twin
 from torch import nn
 
 import lorafactory.variants.lora as lora_module
-from lorafactory.models import unfreeze
 from lorafactory.variants import adapter_layers, adapter_state_dict, build_variant
-from lorafactory.variants.base import find_targets
 from lorafactory.variants.vera import factor_grads
 
 
@@ -114,15 +112,8 @@ def test_factor_grads_match_autograd_on_either_route(r, need):
 @pytest.mark.parametrize("path", ["merged", "two-branch"])
 def test_vera_matches_peft(path, monkeypatch):
     """Same bases (drawn from the same seed), same λ_b and λ_d: same outputs and gradients as PEFT's VeRA."""
-    peft = pytest.importorskip("peft")
     monkeypatch.setattr(lora_module, "MERGE_THRESHOLD", 0.0 if path == "merged" else math.inf)
-    loaded = tiny("tiny-bert")
-    theirs = copy.deepcopy(loaded.module)
-    names = find_targets(loaded.module, "all-linear", loaded.head)
-    variant = build_variant({"name": "vera", "r": 8, "targets": "all-linear"})
-    variant.adapt(loaded.module, head=loaded.head)
-    unfreeze(loaded.module, loaded.head)
-    theirs = peft.get_peft_model(theirs, variant.peft_config(names, list(loaded.head)))
+    loaded, variant, theirs, names = with_peft_twin("tiny-bert", {"name": "vera", "r": 8, "targets": "all-linear"})
     ours = loaded.module
     torch.testing.assert_close(ours.lf_shared.vera_A, theirs.base_model.vera_A["default"], rtol=0, atol=0)
     torch.testing.assert_close(ours.lf_shared.vera_B, theirs.base_model.vera_B["default"], rtol=0, atol=0)
