@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -22,14 +24,25 @@ from lorafactory.errors import UserError
 from lorafactory.models import build_model, unfreeze
 from lorafactory.results.record import RECORD_NAME, read_record
 from lorafactory.tasks import get_task
-from lorafactory.variants.base import build_variant, load_adapter_state_dict, merge_and_unload
+from lorafactory.variants.base import Variant, build_variant, load_adapter_state_dict, merge_and_unload
 
 ADAPTER_NAME = "adapter.pt"
 
 
-def load_run(run_dir: str | Path) -> tuple[nn.Module, object, object]:
-    """(adapted model with the run's trained state, its tokenizer or image spec, the variant) rebuilt from a run.
-    The variant's `head` attribute names the modules trained in full."""
+@dataclass
+class LoadedRun:
+    """A finished run rebuilt: the adapted model with its trained state, in eval mode."""
+
+    model: nn.Module
+    preprocessor: Any
+    """The tokenizer, or the image spec."""
+    variant: Variant
+    head: tuple[str, ...]
+    """The modules trained in full beside the adapter."""
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """Rebuild a finished run from its record's resolved config and its `adapter.pt`."""
     run_dir = Path(run_dir)
     if not (run_dir / RECORD_NAME).is_file():
         raise UserError(f"{run_dir} is not a run folder: it has no {RECORD_NAME}")
@@ -46,8 +59,7 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, object, object]:
     variant.adapt(loaded.module, head=loaded.not_adapted)
     unfreeze(loaded.module, loaded.head)
     load_adapter_state_dict(loaded.module, torch.load(state_path, map_location="cpu", weights_only=True))
-    variant.head = loaded.head
-    return loaded.module.eval(), loaded.tokenizer, variant
+    return LoadedRun(loaded.module.eval(), loaded.tokenizer, variant, loaded.head)
 
 
 PEFT_EXPORT = {
@@ -67,7 +79,8 @@ def export_peft(run_dir: str | Path, out: str | Path) -> Path:
 
     from lorafactory.variants.base import adapter_state_dict, named_adapter_layers
 
-    model, _, variant = load_run(run_dir)
+    run = load_run(run_dir)
+    model, variant = run.model, run.variant
     keys = PEFT_EXPORT.get(variant.name)
     if keys is None:
         supported = ", ".join(sorted(PEFT_EXPORT))
@@ -89,13 +102,14 @@ def export_peft(run_dir: str | Path, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"))
-    variant.peft_config(sorted(layers), list(variant.head)).save_pretrained(str(out))
+    variant.peft_config(sorted(layers), list(run.head)).save_pretrained(str(out))
     return out
 
 
 def export_merged(run_dir: str | Path, out: str | Path) -> Path:
     """Fold the run's update into its model and save it with `save_pretrained` (and the tokenizer) into `out`."""
-    model, tokenizer, variant = load_run(run_dir)
+    run = load_run(run_dir)
+    model, tokenizer, variant = run.model, run.preprocessor, run.variant
     if not variant.mergeable:
         raise UserError(f"variant={variant.name} has no merged form: its update depends on the input")
     if not hasattr(model, "save_pretrained"):

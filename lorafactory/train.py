@@ -66,10 +66,10 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, overrides: list[str] | None
         started, t0 = datetime.now(UTC), time.perf_counter()
         base = _identity(cfg, run_dir, overrides or [])
         stopped: BaseException | None = None
-        late_signal: list[int | None] = []
+        late_signal: int | None = None
         try:
             with _device_slot(cfg) as device:
-                record = _train(cfg, run_dir, base, t0, late_signal, device)
+                record, late_signal = _train(cfg, run_dir, base, t0, device)
         except Diverged as err:
             record = RunRecord(**base, status="diverged", error=str(err))
         except Interrupted as err:
@@ -83,8 +83,8 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, overrides: list[str] | None
         write_record(run_dir, record)
         if stopped is not None:
             raise stopped
-        if late_signal and late_signal[0] is not None:  # training was over when it came: the run is done and recorded
-            raise Interrupted(late_signal[0], None, finished=True)
+        if late_signal is not None:  # training was over when it came: the run is done and recorded
+            raise Interrupted(late_signal, None, finished=True)
         return record
 
 
@@ -110,11 +110,10 @@ def _train(
     run_dir: Path,
     base: dict[str, Any],
     t0: float,
-    late_signal: list[int | None],
     device: str | None = None,
-) -> RunRecord:
-    """The run itself on `device` (a slot of `_device_slot`, or the trainer's devices); `late_signal` receives the
-    signal that came after training was over, if any."""
+) -> tuple[RunRecord, int | None]:
+    """The run itself on `device` (a slot of `_device_slot`, or the trainer's devices): its record, and the signal
+    that came after training was over, if any."""
     # Every value checked before anything heavy is built (the CLI has checked them already; sweeps reach here too).
     validate(cfg)
     cache_dir = writable_dir(Path(cfg.paths.cache_dir), "paths.cache_dir (LORAFACTORY_CACHE)")
@@ -207,7 +206,6 @@ def _train(
         selection = module.score(data.selection_loader()) if data.selection is not None else None
     finally:
         signals.uninstall()
-    late_signal.append(signals.signum)
 
     # Record: final metrics (the test evaluation's, else the last validation's) and the best validation, by the
     # task's declared primary metric and direction.
@@ -220,7 +218,7 @@ def _train(
     if cfg.save_adapter:
         torch.save(adapter_state_dict(model), run_dir / "adapter.pt")
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return RunRecord(
+    record = RunRecord(
         **base,
         status="ok",
         final=final,
@@ -245,6 +243,7 @@ def _train(
         wall_time_s=stats.wall_s,
         **stats.summary(),
     )
+    return record, signals.signum
 
 
 def _validation_schedule(cfg: DictConfig, batches_per_epoch: int) -> dict[str, Any]:

@@ -39,7 +39,7 @@ def test_a_merged_export_loads_in_transformers_and_computes_the_same(workdir, va
     plain = AutoModelForSequenceClassification.from_pretrained(workdir / "merged").eval()
     tokenizer = AutoTokenizer.from_pretrained(workdir / "merged")
     batch = tokenizer(["a fine film", "dull and slow, awful"], padding=True, return_tensors="pt")
-    adapted, _, _ = load_run(run_dir)
+    adapted = load_run(run_dir).model
     with torch.no_grad():
         expected = adapted(**batch).logits
         torch.testing.assert_close(plain(**batch).logits, expected, atol=1e-5, rtol=1e-4)
@@ -75,7 +75,8 @@ def test_a_peft_export_loads_in_peft_and_computes_the_same(workdir, variant):
     assert result.returncode == 0, result.stderr[-3000:]
     base = tiny("tiny-bert", 2).module  # the same base the run adapted (built deterministically from its config)
     theirs = PeftModel.from_pretrained(base, workdir / "peft").eval()
-    ours, tokenizer, _ = load_run(run_dir)
+    loaded = load_run(run_dir)
+    ours, tokenizer = loaded.model, loaded.preprocessor
     batch = tokenizer(["a fine film", "dull and slow, awful"], padding=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(theirs(**batch).logits, ours(**batch).logits, atol=1e-5, rtol=1e-4)

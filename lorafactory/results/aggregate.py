@@ -280,8 +280,8 @@ def best_lr(per_lr: pd.DataFrame) -> pd.DataFrame:
     has one (`chosen_on` = "selection"), else on the reported metric (`chosen_on` = "reported"); ties go to the
     smaller lr."""
     by_lr = per_lr.sort_values([*_CELL_KEYS, "lr"]).copy()
-    complete = by_lr.groupby(_CELL_KEYS)["selection_n"].transform("min") > 0
-    complete &= (by_lr["selection_n"] == by_lr["n"]).groupby([by_lr[k] for k in _CELL_KEYS]).transform("all")
+    # Every ok run of the cell carries a selection metric (n counts them, at least 1 per learning rate).
+    complete = (by_lr["selection_n"] == by_lr["n"]).groupby([by_lr[k] for k in _CELL_KEYS]).transform("all")
     by_lr["chosen_on"] = complete.map({True: "selection", False: "reported"})
     by_lr["_choice"] = by_lr["selection_score"].where(complete, by_lr["score"])
     best = by_lr.loc[by_lr.groupby(_CELL_KEYS)["_choice"].idxmax()]
