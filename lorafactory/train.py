@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lorafactory.errors import ConfigError, Diverged, UserError
@@ -196,9 +197,15 @@ def _train(
     # signal stops what comes after it (`run` raises it then: a sweep must not start its next run).
     signals.install()
     try:
-        trainer.fit(module, train_loader, data.eval_loader(), ckpt_path=resume, weights_only=True)
-        if not module.history or module.history[-1]["step"] != trainer.global_step:
-            trainer.validate(module, data.eval_loader(), verbose=False)
+        try:
+            trainer.fit(module, train_loader, data.eval_loader(), ckpt_path=resume, weights_only=True)
+            if not module.history or module.history[-1]["step"] != trainer.global_step:
+                trainer.validate(module, data.eval_loader(), verbose=False)
+        except SIGTERMException as err:  # Lightning's own stop, where no hook of ours could take it first
+            if signals.signum is None:
+                raise
+            last = ckpt_dir / "last.ckpt"
+            raise Interrupted(signals.signum, last if last.is_file() else None) from err
 
         # The final evaluation on the test subset, for tasks that have one (generation, option scoring): merged when
         # the variant merges, so it costs what the base model costs.

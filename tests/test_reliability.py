@@ -174,6 +174,18 @@ def test_a_signal_after_training_records_the_run_ok_and_stops_the_sweep(workdir)
     assert record.status == "ok" and record.seed == 0  # recorded, and seed 1 never started
 
 
+def test_a_signal_at_the_end_of_a_validation_stops_with_143_not_0(workdir):
+    """SIGTERM after the last validation batch's hooks, where Lightning raises its own SystemExit at the epoch's end:
+    still an `interrupted` record and exit 143."""
+    script = Path(__file__).with_name("signal_at_validation_end.py")
+    result = subprocess.run(
+        [sys.executable, str(script), *LONG, "name=valend"], cwd=workdir, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 143, result.stderr[-3000:]
+    [record] = records(workdir / "runs").values()
+    assert record.status == "interrupted"
+
+
 # --- 3. a resumed run is the run it would have been ----------------------------------------------------------------
 
 

@@ -349,3 +349,12 @@ class SignalCheckpoint(L.Callback):
             trainer._signal_connector.received_sigterm = False
             trainer.save_checkpoint(self.path)
             raise Interrupted(self.signum, self.path)
+
+    def on_validation_end(self, trainer: L.Trainer, *args: Any) -> None:
+        # A signal after the last validation batch's hook: Lightning would raise SystemExit (exit 0) at epoch end.
+        if self.signum is not None:
+            trainer._signal_connector.received_sigterm = False
+
+    def on_train_epoch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.signum is not None:
+            trainer._signal_connector.received_sigterm = False
