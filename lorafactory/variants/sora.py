@@ -97,7 +97,9 @@ class GatedLoRALinear(AdapterLayer):
         if self.dropout is None and merge_pays(self, x):
             return MergedLoRAFunction.apply(x, self.weight, self.bias, self.lora_A, B, self.scaling)
         out = self.base_forward(x)
-        h = F.linear(x if self.dropout is None else self.dropout(x), self.lora_A).reshape(-1, self.lora_A.shape[0])
+        # Rows named explicitly: a layer pruned to rank 0 has an empty h, which reshape(-1, 0) cannot size.
+        rows = x.shape[:-1].numel()
+        h = F.linear(x if self.dropout is None else self.dropout(x), self.lora_A).reshape(rows, self.lora_A.shape[0])
         return torch.addmm(out.reshape(-1, self.out_features), h, B.t(), alpha=self.scaling).view(out.shape)
 
     def delta_weight(self) -> Tensor:

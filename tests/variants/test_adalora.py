@@ -272,6 +272,25 @@ def test_end_of_training_deletes_masked_triplets_without_changing_the_output():
     torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("path", ["merged", "two-branch"])
+def test_a_layer_left_with_no_triplets_computes_its_base_layer(path, monkeypatch):
+    """The allocator may give a layer no rank at all: after deleting its triplets it must still run forward and
+    backward, as its frozen base layer."""
+    import lorafactory.variants.lora as lora_module
+
+    monkeypatch.setattr(lora_module, "MERGE_THRESHOLD", 0.0 if path == "merged" else math.inf)
+    variant, model = toy("adalora", r=2, init_r=4, total_steps=10)
+    variant.masks = {"0": torch.tensor([True, True, False, False]), "2": torch.zeros(4, dtype=torch.bool)}
+    variant.apply_masks(model)
+    variant.on_train_end(model)
+    assert model[2].r == 0
+    x = torch.randn(3, 5, 16)
+    out = model(x)
+    torch.testing.assert_close(out, model[2].base_forward(model[1](model[0](x))))
+    out.sum().backward()
+    assert model[0].lora_A.grad is not None
+
+
 @pytest.mark.parametrize("resume_at", [4, 9])  # while the budget falls; with the allocation fixed
 def test_resuming_mid_schedule_continues_identically(resume_at):
     settings = {"r": 2, "init_r": 4, "total_steps": 12, "mask_interval": 1}
