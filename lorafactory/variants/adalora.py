@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from lorafactory.errors import check
-from lorafactory.variants.base import VARIANTS, Variant, VariantConfig
+from lorafactory.variants.base import VARIANTS, Variant, VariantConfig, named_adapter_layers, peft_layer_state
 from lorafactory.variants.sora import GatedLoRALinear, gated_layers
 
 ASSUMED_TOTAL_STEPS = 1000
@@ -355,3 +355,22 @@ class AdaLoRA(Variant):
             target_modules=targets,
             modules_to_save=head,
         )
+
+    def peft_export(
+        self, model: nn.Module, base: nn.Module, targets: list[str], head: list[str]
+    ) -> tuple[Any, dict[str, Tensor]] | None:
+        with warnings.catch_warnings():  # the budget schedule's length: irrelevant to a trained adapter
+            warnings.simplefilter("ignore")
+            config = self.peft_config(targets, head)
+        config.lora_alpha *= (self.cfg.init_r + 1e-5) / self.cfg.init_r  # PEFT divides by init_r + 1e-5, we by init_r
+        layers = named_adapter_layers(model)
+        if any(layer.r != self.cfg.init_r for _, layer in layers):
+            # PEFT builds init_r triplets and deletes those its `rank_pattern` masks out on load, keeping the scale
+            # alpha / init_r, as ours: which ones it names does not matter, ours are already deleted.
+            config.rank_pattern = {
+                f"{name}.lora_E": [i < layer.r for i in range(self.cfg.init_r)] for name, layer in layers
+            }
+        state = peft_layer_state(
+            model, lambda layer: {"lora_A": layer.lora_A, "lora_B": layer.lora_B, "lora_E": layer.gate.unsqueeze(1)}
+        )
+        return config, state

@@ -8,7 +8,7 @@ hooks below; the training loop calls every hook on every variant and never asks 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -289,6 +289,18 @@ class Variant:
         Used by the benchmark to time PEFT's twin; `targets` are module names, `head` the modules trained in full."""
         return None
 
+    def peft_export(
+        self, model: nn.Module, base: nn.Module, targets: list[str], head: list[str]
+    ) -> tuple[Any, dict[str, Tensor]] | None:
+        """The trained adapter of `model` as PEFT's: (config, adapter state) such that PEFT's model built with that
+        config on `base` (the model as built before `adapt`: what a PEFT adapter is loaded on) and given that state
+        computes what `model` computes. State keys are those of PEFT's saved `adapter_model.safetensors`
+        (`base_model.model.<module>.<tensor>`, no adapter name; PEFT's model-level tensors as PEFT names them); the
+        task head is the caller's. None when PEFT lacks the method (`python -m lorafactory.export --peft` uses it and
+        checks the result against `model`); raises a one-line UserError when this run's adapter has no exact PEFT
+        form."""
+        return None
+
     def summary(self, model: nn.Module) -> dict[str, Any]:
         """What the run record should say about this variant's own state at the end of training (final ranks per
         layer, trainable parameters at start and end, phase lengths ...); JSON-serialisable."""
@@ -371,6 +383,16 @@ def adapter_layers(model: nn.Module) -> list[AdapterLayer]:
 
 def named_adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+
+
+def peft_layer_state(model: nn.Module, tensors: Callable[[AdapterLayer], Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """Per-layer tensors under PEFT's saved keys (`Variant.peft_export`): `tensors(layer)` maps PEFT's names of one
+    adapter layer's tensors (`lora_A.weight`, `hira_A`, ...) to their values."""
+    return {
+        f"base_model.model.{name}.{key}": value.detach()
+        for name, layer in named_adapter_layers(model)
+        for key, value in tensors(layer).items()
+    }
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:

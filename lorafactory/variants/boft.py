@@ -46,8 +46,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorafactory.errors import check
-from lorafactory.variants.base import VARIANTS, Variant, VariantConfig
+from lorafactory.errors import UserError, check
+from lorafactory.variants.base import VARIANTS, Variant, VariantConfig, named_adapter_layers, peft_layer_state
 from lorafactory.variants.oft import RotatedLayer, block_matmul, cayley, fit_block_size
 
 
@@ -174,3 +174,33 @@ class BOFT(Variant):
             target_modules=targets,
             modules_to_save=head,
         )
+
+    def peft_export(
+        self, model: nn.Module, base: nn.Module, targets: list[str], head: list[str]
+    ) -> tuple[Any, dict[str, Tensor]] | None:
+        setting = (self.cfg.block_size, self.cfg.butterfly_factors)
+        for name, layer in named_adapter_layers(model):
+            if (layer.block_size, layer.factors) != setting:
+                raise UserError(
+                    f"variant=boft: '{name}' fell back to block_size={layer.block_size} with {layer.factors} "
+                    "factor(s) for its width, and PEFT's BOFT has one setting for every layer; use --merged"
+                )
+        if self.cfg.butterfly_factors > 1:
+            from peft.tuners.boft.layer import get_fbd_cuda
+
+            if get_fbd_cuda() is None:
+                raise UserError(
+                    f"variant=boft: PEFT builds {self.cfg.butterfly_factors} butterfly factors only with its CUDA "
+                    "extension, which does not build here (it would load the adapter with one factor); export "
+                    "where it builds, or use --merged"
+                )
+        b = self.cfg.block_size
+        rows, cols = torch.triu_indices(b, b, 1)
+
+        def tensors(layer: BOFTLinear) -> dict[str, Tensor]:
+            # PEFT stores a full matrix D per block and uses S = (D − Dᵀ)/2: D = 2·(our upper triangle of S).
+            full = layer.skew.new_zeros(*layer.skew.shape[:-1], b, b)
+            full[..., rows, cols] = 2 * layer.skew
+            return {"boft_R": full, "boft_s": layer.scale.unsqueeze(1)}
+
+        return self.peft_config(targets, head), peft_layer_state(model, tensors)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorafactory.errors import check
-from lorafactory.variants.base import VARIANTS, AdapterLayer, Variant, VariantConfig, kaiming_
+from lorafactory.variants.base import VARIANTS, AdapterLayer, Variant, VariantConfig, kaiming_, peft_layer_state
 from lorafactory.variants.lora import MergedLoRAFunction, merge_pays
 
 NORM_FLOOR = 1e-4
@@ -125,3 +125,12 @@ class DeLoRA(Variant):
             target_modules=targets,
             modules_to_save=head,
         )
+
+    def peft_export(
+        self, model: nn.Module, base: nn.Module, targets: list[str], head: list[str]
+    ) -> tuple[Any, dict[str, Tensor]] | None:
+        names = ("delora_A", "delora_B", "delora_lambda")
+        state = peft_layer_state(
+            model, lambda layer: {**{n: getattr(layer, n) for n in names}, "delora_w_norm": layer.w_norm}
+        )
+        return self.peft_config(targets, head), state

@@ -17,17 +17,20 @@ W' = (m/n) ⊙ (W0 + s·B A), one GEMM, with a custom backward: with c = m/n and
 ∂x = g W',  ∂A = s·(g (c ⊙ B))ᵀ x,  ∂B = s·c ⊙ (gᵀ (x Aᵀ)),  ∂m = Σ_tokens g ⊙ (y − b) / m.
 Otherwise the two-branch form runs, with the row norm taken from r-sized products only (`DoRALinear.weight_norm`),
 never the dense ΔW.
+
+Export to PEFT: LoRA's, plus m as PEFT's `lora_magnitude_vector`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorafactory.variants.base import VARIANTS, VariantConfig
+from lorafactory.variants.base import VARIANTS, VariantConfig, peft_layer_state
 from lorafactory.variants.lora import LoRA, LoRALinear, merge_pays
 
 
@@ -168,3 +171,9 @@ class DoRA(LoRA):
 
     def layer_params(self, d_in: int, d_out: int) -> int:
         return self.cfg.r * (d_in + d_out) + d_out
+
+    def peft_export(
+        self, model: nn.Module, base: nn.Module, targets: list[str], head: list[str]
+    ) -> tuple[Any, dict[str, Tensor]] | None:
+        config, state = super().peft_export(model, base, targets, head)
+        return config, state | peft_layer_state(model, lambda layer: {"lora_magnitude_vector": layer.magnitude})

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorafactory.errors import check
-from lorafactory.variants.base import VARIANTS, AdapterLayer, Variant, VariantConfig, adapter_layers
+from lorafactory.variants.base import VARIANTS, AdapterLayer, Variant, VariantConfig, adapter_layers, peft_layer_state
 
 
 @cache
@@ -145,3 +145,10 @@ class FourierFT(Variant):
             target_modules=targets,
             modules_to_save=head,
         )
+
+    def peft_export(
+        self, model: nn.Module, base: nn.Module, targets: list[str], head: list[str]
+    ) -> tuple[Any, dict[str, Tensor]] | None:
+        # PEFT draws the frequency locations from `random_loc_seed` as we do: only the spectra are saved.
+        state = peft_layer_state(model, lambda layer: {"fourierft_spectrum": layer.spectrum})
+        return self.peft_config(targets, head), state

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorafactory.variants.base import VARIANTS, AdapterLayer, Variant, VariantConfig, kaiming_
+from lorafactory.variants.base import VARIANTS, AdapterLayer, Variant, VariantConfig, kaiming_, peft_layer_state
 
 
 def modulated(weight: Tensor, A: Tensor, B: Tensor, with_base: bool) -> Tensor:
@@ -150,3 +150,9 @@ class HiRA(Variant):
         from peft import HiraConfig
 
         return HiraConfig(r=self.cfg.r, hira_dropout=self.cfg.dropout, target_modules=targets, modules_to_save=head)
+
+    def peft_export(
+        self, model: nn.Module, base: nn.Module, targets: list[str], head: list[str]
+    ) -> tuple[Any, dict[str, Tensor]] | None:
+        state = peft_layer_state(model, lambda layer: {"hira_A": layer.hira_A, "hira_B": layer.hira_B})
+        return self.peft_config(targets, head), state

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from lorafactory.errors import check
-from lorafactory.variants.base import VARIANTS, Variant, VariantConfig, adapter_layers, kaiming_
+from lorafactory.variants.base import VARIANTS, Variant, VariantConfig, adapter_layers, kaiming_, peft_layer_state
 from lorafactory.variants.oft import RotatedLayer
 
 
@@ -136,3 +136,8 @@ class HRA(Variant):
         from peft import HRAConfig as PeftHRAConfig
 
         return PeftHRAConfig(r=self.cfg.r, target_modules=targets, modules_to_save=head)
+
+    def peft_export(
+        self, model: nn.Module, base: nn.Module, targets: list[str], head: list[str]
+    ) -> tuple[Any, dict[str, Tensor]] | None:
+        return self.peft_config(targets, head), peft_layer_state(model, lambda layer: {"hra_u": layer.hra_u})

@@ -12,6 +12,12 @@ W0 + s·B A (one GEMM, as cheap as the frozen layer) and a custom backward takes
 products, never the dense ∂L/∂W: ∂A = s·(g B)ᵀ x, ∂B = s·gᵀ (x Aᵀ). This removes the activation-sized passes of the
 two-branch form (a second dgrad, its accumulation, the output copy). Few tokens (decoding), dropout or a trainable
 base fall back to `W0 x + s·B (A x)`. Both compute the same function and gradients (tests check they agree).
+
+Export to PEFT (`peft_export`, for this file's subclasses too): `lora_A`/`lora_B` as PEFT's, in the config
+`peft_config` gives. A subclass that rewrote the base (PiSSA, OLoRA, LoRA-GA: W_res = W0 − s·B0 A0) is exported as
+PEFT converts such adapters itself, a plain LoRA of rank 2r on the original W0: W_res + s·B A − W0 = s·(B A − B0 A0),
+so A' = [A; A0], B' = [B, −B0] with the same s. The run saved W_res, not B0 and A0: their product is recovered from
+the rank-r SVD of W0 − W_res (its other singular values are round-off; a base that is not the run's is refused).
 """
 
 from __future__ import annotations
@@ -23,7 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorafactory.variants.base import VARIANTS, AdapterLayer, Variant, VariantConfig, kaiming_
+from lorafactory.errors import UserError
+from lorafactory.variants.base import (
+    VARIANTS,
+    AdapterLayer,
+    Variant,
+    VariantConfig,
+    kaiming_,
+    named_adapter_layers,
+    peft_layer_state,
+)
 
 
 class MergedLoRAFunction(torch.autograd.Function):
@@ -139,3 +154,46 @@ class LoRA(Variant):
 
     peft_options: ClassVar[dict[str, Any]] = {}
     """`LoraConfig` keywords that make PEFT's LoRA this variant (`use_dora=True`, ...)."""
+
+    def peft_export(
+        self, model: nn.Module, base: nn.Module, targets: list[str], head: list[str]
+    ) -> tuple[Any, dict[str, Tensor]] | None:
+        config = self.peft_config(targets, head)
+        if config is None:
+            return None
+        layers = named_adapter_layers(model)
+        if not any(layer.saves_base for _, layer in layers):
+            return config, peft_layer_state(
+                model, lambda layer: {"lora_A.weight": layer.lora_A, "lora_B.weight": layer.lora_B}
+            )
+        from peft import LoraConfig
+
+        state = {}
+        for name, layer in layers:
+            A0, B0 = self._initial_factors(name, layer, base.get_submodule(name))
+            state[f"base_model.model.{name}.lora_A.weight"] = torch.cat([layer.lora_A.detach(), A0])
+            state[f"base_model.model.{name}.lora_B.weight"] = torch.cat([layer.lora_B.detach(), -B0], dim=1)
+        rank = 2 * self.cfg.r
+        converted = LoraConfig(
+            r=rank,
+            lora_alpha=self.scaling * rank,  # PEFT's s = lora_alpha / r: the run's s at rank 2r
+            lora_dropout=self.cfg.dropout,
+            target_modules=targets,
+            modules_to_save=head,
+        )
+        return converted, state
+
+    @torch.no_grad()
+    def _initial_factors(self, name: str, layer: LoRALinear, original: nn.Module) -> tuple[Tensor, Tensor]:
+        """(A0, B0) with s·B0 A0 = W0 − W_res, from the original module's W0 and the layer's rewritten W_res."""
+        W0 = original.weight.reshape(original.weight.shape[0], -1).double()
+        U, S, Vh = torch.linalg.svd(W0 - layer.original_weight().double(), full_matrices=False)
+        r = layer.r
+        if S[r:].norm() > 10 * torch.finfo(layer.lora_A.dtype).eps * W0.norm():  # more than the residual's round-off
+            raise UserError(
+                f"variant={self.name}: the base weight of '{name}' is not the one the run rewrote (W0 − W_res is "
+                f"not of rank {r}), so no PEFT adapter on this base reproduces the run; use --merged"
+            )
+        root = (S[:r] / layer.scaling).sqrt()
+        dtype = layer.lora_A.dtype
+        return (root.unsqueeze(1) * Vh[:r]).to(dtype), (U[:, :r] * root).to(dtype)

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from lorafactory.errors import check
-from lorafactory.variants.base import VARIANTS, AdapterLayer, Variant, VariantConfig
+from lorafactory.variants.base import VARIANTS, AdapterLayer, Variant, VariantConfig, peft_layer_state
 
 
 def fit_block_size(d: int, block: int) -> int:
@@ -200,3 +200,9 @@ class OFT(Variant):
             target_modules=targets,
             modules_to_save=head,
         )
+
+    def peft_export(
+        self, model: nn.Module, base: nn.Module, targets: list[str], head: list[str]
+    ) -> tuple[Any, dict[str, Tensor]] | None:
+        # PEFT's OFT stores the same upper-triangle generators, and picks the same block size on every width.
+        return self.peft_config(targets, head), peft_layer_state(model, lambda layer: {"oft_R.weight": layer.skew})

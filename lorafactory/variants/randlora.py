@@ -36,7 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorafactory.variants.base import VARIANTS, SharedRef, VariantConfig
+from lorafactory.errors import UserError
+from lorafactory.variants.base import VARIANTS, SharedRef, VariantConfig, named_adapter_layers, peft_layer_state
 from lorafactory.variants.vera import FactoredLinear, SharedStateVariant, weight_dims
 
 
@@ -138,3 +139,41 @@ class RandLoRA(SharedStateVariant):
             projection_prng_key=self.cfg.basis_seed,
             randlora_dropout=self.cfg.dropout,
         )
+
+    def peft_export(
+        self, model: nn.Module, base: nn.Module, targets: list[str], head: list[str]
+    ) -> tuple[Any, dict[str, Tensor]] | None:
+        layers = [layer for _, layer in named_adapter_layers(model)]
+        counts = sorted({layer.randlora_lambda.shape[0] for layer in layers})
+        if len(counts) > 1:
+            raise UserError(
+                f"variant=randlora: its layers have different numbers of bases ({counts}), and PEFT pairs the shared "
+                "B's columns with the terms in an order that depends on that number, so no one B serves them all; "
+                "use --merged"
+            )
+        n, r = counts[0], self.cfg.r
+        ours_A, ours_B = model.lf_shared.randlora_A, model.lf_shared.randlora_B
+        # PEFT sizes its bases from the largest d_out and the largest d_in apart (ours from the largest smaller and
+        # larger sides), so its may be bigger: the entries beyond ours are read by no layer.
+        small, large = sorted(
+            (max(layer.out_features for layer in layers), max(layer.in_features for layer in layers))
+        )
+        A = ours_A.new_zeros(r, 1, small)  # PEFT's (r, 1, m): one A for every basis
+        A[:, 0, : ours_A.shape[1]] = ours_A
+        # PEFT's term c of a layer with n bases multiplies its B column c (as (basis, rank) = divmod(c, r)) with its
+        # scaled A row c (as (rank, basis) = divmod(c, n)); ours pairs B[:, b, k] with row (k, b): reorder B's first n
+        # bases so that column c = k·n + b holds our B[:, b, k].
+        B = ours_B.new_zeros(large, math.ceil(small / r), r)
+        B[: ours_B.shape[0], :n] = ours_B[:, :n].transpose(1, 2).reshape(ours_B.shape[0], n, r)
+        config = self.peft_config(targets, head)
+        config.save_projection = True  # the bases themselves travel with the adapter, not only their seed
+        state = peft_layer_state(
+            model,  # every PEFT layer also saves a reference to the shared bases
+            lambda layer: {
+                "randlora_lambda": layer.randlora_lambda.t(),
+                "randlora_gamma": layer.randlora_gamma,
+                "randlora_A": A,
+                "randlora_B": B,
+            },
+        )
+        return config, state | {"base_model.randlora_A": A, "base_model.randlora_B": B}

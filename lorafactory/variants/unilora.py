@@ -37,7 +37,14 @@ import torch
 from torch import Tensor, nn
 
 from lorafactory.errors import check
-from lorafactory.variants.base import HEAD_NAMES, VARIANTS, SharedRef, VariantConfig, adapter_layers
+from lorafactory.variants.base import (
+    HEAD_NAMES,
+    VARIANTS,
+    SharedRef,
+    VariantConfig,
+    adapter_layers,
+    peft_layer_state,
+)
 from lorafactory.variants.vera import FactoredLinear, SharedStateVariant
 
 
@@ -141,3 +148,20 @@ class UniLoRA(SharedStateVariant):
             modules_to_save=head,
             unilora_dropout=self.cfg.dropout,
         )
+
+    def peft_export(
+        self, model: nn.Module, base: nn.Module, targets: list[str], head: list[str]
+    ) -> tuple[Any, dict[str, Tensor]] | None:
+        config = self.peft_config(targets, head)
+        config.save_indices = True  # our slot assignment travels with θ: PEFT's own draw from the seed differs
+        norm = model.lf_shared.unilora_norm
+        state = peft_layer_state(
+            model,
+            lambda layer: {
+                "unilora_indices_A": layer.unilora_index_A,
+                "unilora_indices_B": layer.unilora_index_B,
+                "unilora_scales_A": norm[layer.unilora_index_A],
+                "unilora_scales_B": norm[layer.unilora_index_B],
+            },
+        )
+        return config, state | {"base_model.unilora_theta_d": model.lf_shared.unilora_theta}

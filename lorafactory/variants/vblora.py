@@ -34,8 +34,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorafactory.errors import check
-from lorafactory.variants.base import VARIANTS, SharedRef, VariantConfig, adapter_layers
+from lorafactory.errors import UserError, check
+from lorafactory.variants.base import (
+    VARIANTS,
+    SharedRef,
+    VariantConfig,
+    adapter_layers,
+    named_adapter_layers,
+    peft_layer_state,
+)
 from lorafactory.variants.vera import FactoredLinear, SharedStateVariant
 
 
@@ -153,3 +160,19 @@ class VBLoRA(SharedStateVariant):
             init_vector_bank_bound=self.cfg.init_bank_bound,
             init_logits_std=self.cfg.init_logits_std,
         )
+
+    def peft_export(
+        self, model: nn.Module, base: nn.Module, targets: list[str], head: list[str]
+    ) -> tuple[Any, dict[str, Tensor]] | None:
+        b = self.cfg.vector_length
+        for name, layer in named_adapter_layers(model):
+            if layer.in_features % b or layer.out_features % b:
+                raise UserError(
+                    f"variant=vblora: '{name}' ({layer.out_features} × {layer.in_features}) is not made of whole "
+                    f"sub-vectors of vector_length={b}, which PEFT's VB-LoRA requires (ours cuts the last one "
+                    "short); use --merged"
+                )
+        state = peft_layer_state(
+            model, lambda layer: {"vblora_logits_A": layer.vblora_logits_A, "vblora_logits_B": layer.vblora_logits_B}
+        )
+        return self.peft_config(targets, head), state | {"base_model.vblora_vector_bank": model.lf_shared.vblora_bank}

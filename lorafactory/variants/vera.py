@@ -48,6 +48,7 @@ from lorafactory.variants.base import (
     Variant,
     VariantConfig,
     find_targets,
+    peft_layer_state,
     shared_state,
 )
 from lorafactory.variants.lora import merge_pays
@@ -287,3 +288,14 @@ class VeRA(SharedStateVariant):
             vera_dropout=self.cfg.dropout,
             d_initial=self.cfg.d_initial,
         )
+
+    def peft_export(
+        self, model: nn.Module, base: nn.Module, targets: list[str], head: list[str]
+    ) -> tuple[Any, dict[str, Tensor]] | None:
+        config = self.peft_config(targets, head)
+        config.save_projection = True  # the bases themselves travel with the adapter, not only their seed
+        state = peft_layer_state(
+            model, lambda layer: {"vera_lambda_b": layer.lambda_b, "vera_lambda_d": layer.lambda_d}
+        )
+        shared = model.lf_shared
+        return config, state | {"base_model.vera_A": shared.vera_A, "base_model.vera_B": shared.vera_B}
