@@ -427,6 +427,20 @@ def test_status_falls_back_to_counting_when_folders_cannot_be_matched(tmp_path: 
     assert (status.expected, status.missing_count, status.missing, len(status.running)) == (6, 4, [], 2)
 
 
+def test_status_of_an_optuna_search_does_not_guess_missing_runs(tmp_path: Path) -> None:
+    """Its trials are decided as it goes, even when every searched value is a choice() a grid could expand."""
+    sweep = tmp_path / "search"
+    write_multirun(sweep, ["variant=lora"], {"variant.r": "choice(4, 8)", "optim.lr_scale": "choice(0.5, 1, 2)"})
+    cfg = OmegaConf.load(sweep / "multirun.yaml")
+    cfg.hydra.sweeper.optuna = {"n_trials": 3}
+    OmegaConf.save(cfg, sweep / "multirun.yaml")
+    write_run(tmp_path, "lora", "glue/sst2", "1e-4", 0, 0.9)
+
+    status = sweep_status(sweep)
+
+    assert (status.expected, status.missing_count) == (None, None)
+
+
 def test_status_without_multirun_yaml_does_not_guess_missing_runs(tmp_path: Path) -> None:
     write_run(tmp_path, "lora", "glue/sst2", "1e-4", 0, 0.9)
 

@@ -76,8 +76,8 @@ def expected_runs(multirun: Path) -> list[list[str]] | None:
     from lorafactory.config import group_options
 
     cfg = OmegaConf.load(multirun)
-    if OmegaConf.select(cfg, "hydra.sweeper.lr") is not None:
-        return None  # a learning-rate bracketing search decides its runs as it goes: no fixed list to expect
+    if OmegaConf.select(cfg, "hydra.sweeper.lr") is not None or OmegaConf.select(cfg, "hydra.sweeper.optuna"):
+        return None  # a bracketing or Optuna search decides its runs as it goes: no fixed list to expect
     params, task = OmegaConf.select(cfg, "hydra.sweeper.params"), OmegaConf.select(cfg, "hydra.overrides.task")
     # Like Hydra's basic sweeper: sweeper params first, command-line overrides replace those with the same key.
     arguments = [f"{key}={value}" for key, value in (params or {}).items()] + [str(o) for o in task or []]
