@@ -69,11 +69,14 @@ def hydra_main(cfg: DictConfig) -> None:
     try:
         record = run(cfg, hc.runtime.output_dir, list(hc.overrides.task))
     except RunningElsewhere as err:
-        print(f"skipped: {err}", file=sys.stderr)
+        if not other_rank():
+            print(f"skipped: {err}", file=sys.stderr)
         if multirun:
             return  # another process owns the run; the sweep goes on
         sys.exit(EXIT_RUNNING_ELSEWHERE)
     except Interrupted as err:
+        if other_rank():  # rank 0 says it, and requeues the job once
+            sys.exit(err.exit_code)
         print(f"interrupted: {cfg.variant.name} on {cfg.task.name}: {err}", file=sys.stderr)
         if multirun:  # the whole sweep was asked to stop: say where it stands, and stop
             print(sweep_summary(Path(hc.sweep.dir)))
@@ -90,6 +93,8 @@ def hydra_main(cfg: DictConfig) -> None:
             log.exception("failed (recorded in %s)", hc.runtime.output_dir)
             return
         raise
+    if record is None:  # another rank of a run on several devices: rank 0 reports it
+        return
     if record.status == "ok":
         metric = record.primary_metric
         print(
@@ -115,7 +120,7 @@ def requeue_on_slurm(err: Exception) -> None:
     import subprocess
 
     job = os.environ.get("SLURM_JOB_ID")
-    if getattr(err, "signum", None) != signal.SIGUSR1 or not job:
+    if getattr(err, "signum", None) != signal.SIGUSR1 or not job or other_rank():  # once per job: from rank 0
         return
     if os.environ.get("SLURM_ARRAY_JOB_ID"):
         job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
@@ -124,6 +129,17 @@ def requeue_on_slurm(err: Exception) -> None:
         print(f"requeued SLURM job {job}" if done.returncode == 0 else f"scontrol requeue {job}: {done.stderr}")
     except (OSError, subprocess.TimeoutExpired) as exc:
         print(f"could not requeue SLURM job {job}: {exc}", file=sys.stderr)
+
+
+def other_rank() -> bool:
+    """Whether this process is a rank other than 0 of a run on several devices, started by torchrun, SLURM or
+    Lightning (rank 0 speaks for the run)."""
+    from lorafactory.training.distributed import external_ranks
+
+    found = external_ranks()
+    if found is not None:
+        return found[0] != 0
+    return int(os.environ.get("LOCAL_RANK", "0")) != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def sweep_summary(sweep_dir: Path) -> str:
@@ -146,7 +162,7 @@ class SweepSummary(Callback):
         from lorafactory.results.status import sweep_status
 
         sweep_dir = Path(config.hydra.sweep.dir)
-        if sweep_dir.is_dir():
+        if sweep_dir.is_dir() and not other_rank():
             print(sweep_summary(sweep_dir))
             status = sweep_status(sweep_dir)
             SweepSummary.failed = len(status.failed) + len(status.diverged)

@@ -153,6 +153,7 @@ def check_overrides(args: Sequence[str]) -> None:
     overrides = split_args(args)
     if overrides is None:
         return
+    multirun = any(a in ("-m", "--multirun") for a in args)
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as err:
@@ -188,12 +189,14 @@ def check_overrides(args: Sequence[str]) -> None:
                 if value not in valid and value != "null":
                     raise UnknownNameError(key, value, valid)
         choices.append((raw_key, values))
+    # Hydra's own overrides are kept for the launch check: whether several devices can be launched depends on them.
+    hydra_overrides = [o.input_line for o in parsed if o.key_or_group.lstrip("+~").startswith("hydra")]
     first = [f"{k}={v[0]}" for k, v in choices if v]
-    _compose_and_validate(first)
+    _compose_and_validate(first, hydra_overrides, multirun)
     for i, (key, values) in enumerate(choices):
         for value in values[1:]:
             others = [f"{k}={v[0]}" for j, (k, v) in enumerate(choices) if j != i and v]
-            _compose_and_validate([*others, f"{key}={value}"])
+            _compose_and_validate([*others, f"{key}={value}"], hydra_overrides, multirun)
 
 
 def check_run_folder(args: Sequence[str]) -> None:
@@ -213,7 +216,7 @@ def check_run_folder(args: Sequence[str]) -> None:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
-        multirun = multirun or OmegaConf.select(cfg, "hydra.mode") == "MULTIRUN"
+        multirun = multirun or str(OmegaConf.select(cfg, "hydra.mode")) == "RunMode.MULTIRUN"  # an enum
         folder = Path(OmegaConf.select(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir"))
     except (HydraException, ValueError, TypeError, KeyError):  # sweeps and exotic values: Hydra and the run decide
         return
@@ -229,7 +232,7 @@ def check_run_folder(args: Sequence[str]) -> None:
         ) from None
 
 
-def _compose_and_validate(overrides: list[str]) -> None:
+def _compose_and_validate(overrides: list[str], hydra_overrides: Sequence[str] = (), multirun: bool = False) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
@@ -240,7 +243,97 @@ def _compose_and_validate(overrides: list[str]) -> None:
             cfg = compose(config_name="config", overrides=overrides)
     except HydraException as err:
         raise ConfigError(_one_line(err, overrides)) from None
+    # Before `validate`: trainer=ddp on a machine without GPUs is refused under -m for the launch first.
+    if _asks_for_devices(cfg):
+        _check_launch_command(overrides, list(hydra_overrides), multirun)
+    else:
+        check_launch(cfg, multirun)
     validate(cfg)
+
+
+def _asks_for_devices(cfg: Any) -> bool:
+    from lorafactory.training.distributed import world_size
+
+    try:
+        return world_size(cfg.trainer) > 1
+    except (TypeError, ValueError):  # not numbers: `validate` says so
+        return False
+
+
+def _check_launch_command(overrides: list[str], hydra_overrides: list[str], multirun: bool) -> None:
+    """`check_launch` for a command, with the sweep mode and launcher its config chooses (a sweep config sets
+    `hydra.mode: MULTIRUN`; `hydra/launcher=slurm_ddp` starts one task per device)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[*overrides, *hydra_overrides], return_hydra_config=True)
+        multirun = multirun or str(OmegaConf.select(cfg, "hydra.mode")) == "RunMode.MULTIRUN"  # an enum
+        launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    except (HydraException, OmegaConfBaseException, ValueError, TypeError, KeyError):  # Hydra will say what is wrong
+        return
+    check_launch(cfg, multirun, launcher=launcher)
+
+
+def check_launch(cfg: Any, multirun: bool, ranks: Any = None, launcher: dict[str, Any] | None = None) -> None:
+    """Fail with one line when a run cannot have the devices its config asks for (`trainer.devices` ×
+    `trainer.num_nodes` > 1: one run on several devices, `training.distributed`), before anything is built.
+
+    `ranks` (`distributed.Ranks`) when the run is starting, its ranks known; else the command is checked, with its
+    Hydra `launcher` config. Refused: `trainer.strategy=ddp` under a multirun when nothing but Lightning would start
+    the ranks (it starts them by running the command again: the whole sweep, once per device)."""
+    from lorafactory.training.distributed import STRATEGIES, external_ranks, world_size
+
+    trainer = cfg.trainer
+    strategy = trainer.get("strategy") or "auto"
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"trainer.strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    nodes = trainer.get("num_nodes") or 1
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise ConfigError(f"trainer.num_nodes must be an integer >= 1, got {nodes!r}")
+    world = ranks.world_size if ranks is not None else world_size(trainer)
+    if world == 1:
+        return
+    if ranks is not None and ranks.launch == "external" and world != world_size(trainer):
+        raise ConfigError(
+            f"this run has {world} ranks (torchrun or SLURM tasks), but trainer.devices × trainer.num_nodes is "
+            f"{world_size(trainer)}: set them to match"
+        )
+    if strategy == "auto":
+        raise ConfigError(
+            f"trainer.devices={trainer.devices} asks for one run on several devices: use trainer=ddp (GPUs) or "
+            "trainer=ddp_cpu, or set trainer.strategy=ddp or ddp_spawn"
+        )
+    batch = cfg.task.batch_size
+    if batch % world:
+        raise ConfigError(
+            f"task.batch_size={batch} is the global batch and must split evenly over the run's {world} devices: "
+            f"make it a multiple of {world}"
+        )
+    if trainer.get("device_slots"):
+        raise ConfigError("trainer.device_slots gives each run one device: it cannot go with trainer.devices > 1")
+    if strategy == "ddp_spawn" and nodes > 1:
+        raise ConfigError(
+            "trainer.strategy=ddp_spawn starts the ranks of one node; for several nodes use trainer.strategy=ddp "
+            "with hydra/launcher=slurm_ddp or torchrun"
+        )
+    if launcher is not None and "submitit" in str(launcher.get("_target_", "")):
+        tasks, job_nodes = launcher.get("tasks_per_node", 1), launcher.get("nodes", 1)
+        if (tasks, job_nodes) == (trainer.devices, nodes) or (tasks, strategy) == (1, "ddp_spawn"):
+            return  # one task per rank; or one task that starts the ranks itself
+        raise ConfigError(
+            f"hydra.launcher.tasks_per_node={tasks} and nodes={job_nodes} must be trainer.devices={trainer.devices} "
+            f"and trainer.num_nodes={nodes} for a run on several devices: hydra/launcher=slurm_ddp sets them"
+        )
+    relaunching = ranks.launch == "relaunch" if ranks is not None else external_ranks() is None and strategy == "ddp"
+    if multirun and relaunching:
+        raise ConfigError(
+            "trainer.strategy=ddp starts each device's rank by running the command again, and a sweep's command "
+            "(-m) runs the whole sweep: use trainer.strategy=ddp_spawn (trainer=ddp_cpu on the CPU), "
+            "hydra/launcher=slurm_ddp on SLURM, or start the command with torchrun"
+        )
 
 
 def _all_keys(overrides: list[str]) -> list[str]:

@@ -24,15 +24,17 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from lorafactory.config import check_launch
 from lorafactory.errors import ConfigError, Diverged, UserError
 from lorafactory.models import MODELS, build_model, check_head_kind, model_modality, unfreeze
 from lorafactory.quantize import parameter_count
 from lorafactory.results.record import RECORD_NAME, RunRecord, read_record, write_record
-from lorafactory.runlock import RunLock
+from lorafactory.runlock import RunLock, RunningElsewhere, owner
 from lorafactory.schema import validate
 from lorafactory.slots import DeviceSlot, pin_to_cpu_share, slot_folder
 from lorafactory.tasks import Evaluation, get_task
 from lorafactory.tasks.data import resolve_data_dir
+from lorafactory.training import distributed
 from lorafactory.training.callbacks import (
     DataProgress,
     DivergenceGuard,
@@ -49,44 +51,106 @@ from lorafactory.training.optim import build_optimizer
 from lorafactory.variants.base import VARIANTS, adapter_parameters, adapter_state_dict, build_variant, count_trainable
 
 log = logging.getLogger("lorafactory")
+CHECKPOINT = Path("checkpoints") / "last.ckpt"
+"""Where a run folder keeps the checkpoint a relaunch resumes from."""
+RANK_TOLERANCE = 1e-4
+"""Largest relative difference between the ranks' adapters at the end of a DDP run that is taken for round-off (GPU
+kernels need not give the same bits twice); the CPU's ranks agree exactly."""
 
 
-def run(cfg: DictConfig, run_dir: str | os.PathLike, overrides: list[str] | None = None) -> RunRecord:
+def run(cfg: DictConfig, run_dir: str | os.PathLike, overrides: list[str] | None = None) -> RunRecord | None:
     """Train and evaluate one configuration into `run_dir`, and write its `result.json`.
 
     The folder has one owner at a time (`RunLock`; a second launch raises `RunningElsewhere`). A folder that already
     holds an `ok` record is not trained again; one with a checkpoint resumes from it; a failed, diverged or interrupted
     record is kept aside (`result.<status>-<n>.json`) and the run goes on. A signal (SIGTERM, SIGUSR1) stops training
-    at the next step boundary with a checkpoint and an `interrupted` record, and `Interrupted` is raised."""
+    at the next step boundary with a checkpoint and an `interrupted` record, and `Interrupted` is raised.
+
+    A run on several devices (`training.distributed`) is owned by its launching process or its rank 0, which does all
+    of the above; the other ranks train beside it and return None: they take no lock and write nothing."""
     run_dir = Path(run_dir)
-    with RunLock(run_dir):
-        previous = _previous_record(run_dir)
-        if previous is not None and previous.status == "ok":
-            log.info("Already done, skipping: %s", run_dir)
-            return previous
-        started, t0 = datetime.now(UTC), time.perf_counter()
-        base = _identity(cfg, run_dir, overrides or [])
-        stopped: BaseException | None = None
-        late_signal: int | None = None
-        try:
-            with _device_slot(cfg) as device:
-                record, late_signal = _train(cfg, run_dir, base, t0, device)
-        except Diverged as err:
-            record = RunRecord(**base, status="diverged", error=str(err))
-        except Interrupted as err:
-            record, stopped = RunRecord(**base, status="interrupted", error=str(err)), err
-        except Exception as err:  # recorded, so a sweep goes on; the CLI decides what the user sees
-            detail = str(err) if isinstance(err, UserError) else "".join(traceback.format_exception_only(err)).strip()
-            record, stopped = RunRecord(**base, status="failed", error=detail), err
-        record.started_at, record.finished_at = started.isoformat(), datetime.now(UTC).isoformat()
-        if record.wall_time_s is None:
-            record.wall_time_s = time.perf_counter() - t0
-        write_record(run_dir, record)
-        if stopped is not None:
-            raise stopped
-        if late_signal is not None:  # training was over when it came: the run is done and recorded
-            raise Interrupted(late_signal, None, finished=True)
-        return record
+    ranks = distributed.detect(cfg.trainer)
+    if ranks.launch == "external":
+        distributed.connect(ranks, cfg.trainer.accelerator)
+    if ranks.rank != 0:
+        return _follow(cfg, run_dir, ranks)
+    try:
+        with RunLock(run_dir):
+            return _own(cfg, run_dir, overrides or [], ranks)
+    except RunningElsewhere:
+        distributed.agree(ranks, "elsewhere")  # the other ranks of the run give way as well
+        raise
+
+
+def _own(cfg: DictConfig, run_dir: Path, overrides: list[str], ranks: distributed.Ranks) -> RunRecord:
+    previous = _previous_record(run_dir)
+    if previous is not None and previous.status == "ok":
+        log.info("Already done, skipping: %s", run_dir)
+        distributed.agree(ranks, "done")
+        return previous
+    started, t0 = datetime.now(UTC), time.perf_counter()
+    base = _identity(cfg, run_dir, overrides)
+    stopped: BaseException | None = None
+    late_signal: int | None = None
+    try:
+        check_launch(cfg, _multirun(), ranks)  # the other ranks check it too, and stop alike
+        resume = _checkpoint(run_dir / CHECKPOINT, run_dir)
+        distributed.agree(ranks, "train")
+        with _device_slot(cfg) as device:
+            if ranks.launch == "spawn":
+                threads = distributed.threads_per_rank(cfg.get("threads"), ranks.world_size)
+                args = (_resolved(cfg), run_dir, base, t0, resume)
+                record, late_signal = distributed.spawn_ranks(ranks, cfg.trainer.accelerator, threads, _train, *args)
+            else:
+                record, late_signal = _train(ranks, cfg, run_dir, base, t0, resume, device)
+    except Diverged as err:
+        record = RunRecord(**base, status="diverged", error=str(err))
+    except Interrupted as err:
+        record, stopped = RunRecord(**base, status="interrupted", error=str(err)), err
+    except Exception as err:  # recorded, so a sweep goes on; the CLI decides what the user sees
+        detail = str(err) if isinstance(err, UserError) else "".join(traceback.format_exception_only(err)).strip()
+        record, stopped = RunRecord(**base, status="failed", error=detail), err
+    record.started_at, record.finished_at = started.isoformat(), datetime.now(UTC).isoformat()
+    if record.wall_time_s is None:
+        record.wall_time_s = time.perf_counter() - t0
+    write_record(run_dir, record)
+    if stopped is not None:
+        raise stopped
+    if late_signal is not None:  # training was over when it came: the run is done and recorded
+        raise Interrupted(late_signal, None, finished=True)
+    return record
+
+
+def _follow(cfg: DictConfig, run_dir: Path, ranks: distributed.Ranks) -> None:
+    """A rank other than 0 trains beside rank 0, which owns the folder; rank 0 records what becomes of the run."""
+    check_launch(cfg, _multirun(), ranks)
+    decision = distributed.agree(ranks)
+    if decision == "done":
+        return None
+    if decision == "elsewhere":
+        raise RunningElsewhere(run_dir, owner(run_dir))
+    checkpoint = run_dir / CHECKPOINT  # rank 0 has set an unreadable one aside already
+    try:
+        _train(ranks, cfg, run_dir, {}, time.perf_counter(), checkpoint if checkpoint.is_file() else None)
+    except Diverged:  # every rank saw it (the ranks share the loss); rank 0 records it
+        pass
+    return None
+
+
+def _resolved(cfg: DictConfig) -> DictConfig:
+    """`cfg` with its interpolations resolved, for a process that has no Hydra context (`${hydra:...}`); as it is
+    if it cannot be (the run then fails on it as it would have)."""
+    try:
+        return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    except Exception:  # any unresolvable value: the run reports it
+        return cfg
+
+
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 @contextmanager
@@ -107,19 +171,23 @@ def _device_slot(cfg: DictConfig) -> Iterator[str | None]:
 
 
 def _train(
+    ranks: distributed.Ranks,
     cfg: DictConfig,
     run_dir: Path,
     base: dict[str, Any],
     t0: float,
+    resume: Path | None,
     device: str | None = None,
-) -> tuple[RunRecord, int | None]:
-    """The run itself on `device` (a slot of `_device_slot`, or the trainer's devices): its record, and the signal
-    that came after training was over, if any."""
+) -> tuple[RunRecord | None, int | None]:
+    """The run itself, as rank `ranks.rank` of its ranks, on `device` (a slot of `_device_slot`, or the trainer's
+    devices), resuming from `resume` if set: its record, and the signal that came after training was over, if any
+    (rank 0; the other ranks return Nones once training is over)."""
     # Every value checked before anything heavy is built (the CLI has checked them already; sweeps reach here too).
     validate(cfg)
     cache_dir = writable_dir(Path(cfg.paths.cache_dir), "paths.cache_dir (LORAFACTORY_CACHE)")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if cfg.get("threads") and not (device or "").startswith("cpu:"):  # a CPU slot sets its own share
+    # A CPU slot sets its own share, and so does `spawn_ranks` for the ranks it starts.
+    if cfg.get("threads") and not (device or "").startswith("cpu:") and ranks.launch != "spawned":
         torch.set_num_threads(int(cfg.threads))
 
     # What to train: task, model and variant. The task decides the model's head (classification or causal LM).
@@ -138,7 +206,9 @@ def _train(
     # Tasks with a final evaluation of their own (generation, option scoring) also evaluate the untuned model, before
     # any adapter exists: the baseline the run must beat, and the held-out loss that forgetting is measured from.
     evaluator = Evaluator(task, data, merge=variant.mergeable)
-    untuned = evaluator.untuned(model, cfg.model, cache_dir, data_dir)
+    # Only the record needs it: rank 0's (an evaluation draws nothing from the global random stream, so the ranks'
+    # adapters still start from the same random state).
+    untuned = evaluator.untuned(model, cfg.model, cache_dir, data_dir) if ranks.rank == 0 else None
 
     variant.adapt(model, head=loaded.not_adapted)
     unfreeze(model, loaded.head)
@@ -152,7 +222,9 @@ def _train(
         )
     model.train()  # from_pretrained returns eval mode; fine-tuning keeps the base model's dropout, as usual
 
-    train_loader = data.train_loader()
+    # Each rank trains on its share of every batch of `task.batch_size`, the global batch (`TaskData.train_loader`).
+    train_loader = data.train_loader(rank=ranks.rank, world_size=ranks.world_size)
+    eval_loader = partial(data.eval_loader, ranks.rank, ranks.world_size)
     module = AdapterModule(
         model,
         task,
@@ -163,9 +235,8 @@ def _train(
     )
 
     # Checkpoints: every `ckpt_every_n_steps`, and on a signal; a relaunch resumes from the last one, exactly.
-    ckpt_dir = run_dir / "checkpoints"
-    resume = _checkpoint(ckpt_dir / "last.ckpt", run_dir)
-    stats, signals = RunStats(variant, attempt_start=t0), SignalCheckpoint(ckpt_dir / "last.ckpt")
+    ckpt_dir = (run_dir / CHECKPOINT).parent
+    stats, signals = RunStats(variant, attempt_start=t0), SignalCheckpoint(run_dir / CHECKPOINT)
     callbacks = [
         DataProgress(train_loader),  # first: the position the checkpoints save must count the step just taken
         VariantHooks(variant, data.init_batches, resuming=resume is not None),
@@ -179,6 +250,9 @@ def _train(
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=[int(device[4:])] if device and device.startswith("gpu:") else cfg.trainer.devices,
+        num_nodes=cfg.trainer.get("num_nodes") or 1,
+        strategy=distributed.strategy(ranks, cfg.trainer.accelerator),
+        use_distributed_sampler=False,  # the loaders shard themselves, so that the ranks batch as one process would
         precision=cfg.trainer.precision,
         max_epochs=cfg.task.epochs,
         max_steps=cfg.task.max_steps or -1,
@@ -188,7 +262,7 @@ def _train(
         enable_progress_bar=cfg.trainer.progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        logger=_logger(cfg, run_dir, resume),
+        logger=_logger(cfg, run_dir, resume, trim=ranks.rank == 0),
         default_root_dir=run_dir,
         callbacks=callbacks,
     )
@@ -198,14 +272,22 @@ def _train(
     signals.install()
     try:
         try:
-            trainer.fit(module, train_loader, data.eval_loader(), ckpt_path=resume, weights_only=True)
+            trainer.fit(module, train_loader, eval_loader(), ckpt_path=resume, weights_only=True)
             if not module.history or module.history[-1]["step"] != trainer.global_step:
-                trainer.validate(module, data.eval_loader(), verbose=False)
+                trainer.validate(module, eval_loader(), verbose=False)
         except SIGTERMException as err:  # Lightning's own stop, where no hook of ours could take it first
             if signals.signum is None:
                 raise
             last = ckpt_dir / "last.ckpt"
             raise Interrupted(signals.signum, last if last.is_file() else None) from err
+        spread = distributed.rank_divergence(adapter_state_dict(model)) if ranks.distributed else None
+        if spread is not None and spread > RANK_TOLERANCE:  # the same number on every rank: they all stop
+            raise UserError(
+                f"the ranks ended training with different adapters (largest relative difference {spread:.2g}): "
+                f"variant={cfg.variant.name} keeps state DDP does not synchronise; train it on one device"
+            )
+        if ranks.rank != 0:  # what follows is rank 0's alone: the final evaluation and the record
+            return None, None
 
         # The final evaluation on the test subset, for tasks that have one (generation, option scoring): merged when
         # the variant merges, so it costs what the base model costs.
@@ -247,6 +329,9 @@ def _train(
         train_samples=len(data.train),
         eval_samples=len(data.eval),
         device=device,
+        world_size=ranks.world_size,
+        global_batch=int(cfg.task.batch_size),
+        rank_divergence=spread,
         wall_time_s=stats.wall_s,
         **stats.summary(),
     )
@@ -317,11 +402,12 @@ def writable_dir(path: Path, what: str) -> Path:
     return path
 
 
-def _logger(cfg: DictConfig, run_dir: Path, resume: Path | None) -> Any:
-    """The configured metric logger; a resumed run keeps the rows logged up to its checkpoint."""
+def _logger(cfg: DictConfig, run_dir: Path, resume: Path | None, trim: bool = True) -> Any:
+    """The configured metric logger; a resumed run keeps the rows logged up to its checkpoint (`trim`: rank 0
+    edits the log, the process that writes it)."""
     if not cfg.logger:
         return False
-    if resume is not None:
+    if resume is not None and trim:
         keep_rows_up_to(run_dir / "logs" / "metrics.csv", _checkpoint_step(resume))
     return instantiate(cfg.logger)
 

@@ -107,6 +107,14 @@ class RunRecord:
     """How many times the run resumed from a checkpoint."""
     device: str | None = None
     """The device slot the run held (`trainer.device_slots`): `gpu:<i>`, or `cpu:<cores>` it was pinned to."""
+    world_size: int = 1
+    """The devices (DDP ranks) the run trained on; records from before DDP trained on one."""
+    global_batch: int | None = None
+    """Training examples per optimizer step over all ranks: `task.batch_size`, which each of the `world_size` ranks
+    takes an equal share of (null in records written before the field existed: see `config.task.batch_size`)."""
+    rank_divergence: float | None = None
+    """Runs on several devices: the largest difference between the ranks' adapters at the end of training, relative
+    to each tensor's largest value (0: identical; above 1e-4 the run fails)."""
     data_note: str | None = None
     """Set when the splits differ from the published ones (e.g. carved from validation): not comparable to papers."""
     error: str | None = None

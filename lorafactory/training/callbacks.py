@@ -143,7 +143,7 @@ class RunStats(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, *args: Any
     ) -> None:
         self.step_times.append(time.perf_counter() - self._t0)
-        self.samples += len(batch["labels"])
+        self.samples += len(batch["labels"]) * trainer.world_size  # every rank's share of the batch
         if self.train_state_mb is None:
             self.train_state_mb = train_state_bytes(pl_module.model, trainer.optimizers[0]) / 2**20
         if torch.cuda.is_available():
@@ -212,6 +212,15 @@ class DataProgress(L.Callback):
         self.epoch = 0
         self.batches_done = 0
         self._rng: dict[str, Any] | None = None
+        self._before_fit = _rng_state()
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.world_size > 1:
+            # Lightning's DDP seeds every rank again as it connects them: the run goes on from the random state it had
+            # (a data-driven initialisation and the dropout masks then draw what one process would have drawn).
+            torch.set_rng_state(self._before_fit["torch"])
+            if self._before_fit["cuda"] is not None:
+                torch.cuda.set_rng_state_all(self._before_fit["cuda"])
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self.epoch, self.batches_done = trainer.current_epoch, args[-1] + 1  # args: outputs, batch, batch_idx
@@ -224,17 +233,19 @@ class DataProgress(L.Callback):
             self._rng = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "batches_done": self.batches_done,
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        }
+        return {"epoch": self.epoch, "batches_done": self.batches_done, **_rng_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epoch, self.batches_done = state_dict["epoch"], state_dict["batches_done"]
         self.loader.resume(self.epoch, self.batches_done)
         self._rng = {"torch": state_dict["torch"], "cuda": state_dict.get("cuda")}
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 class DivergenceGuard(L.Callback):
@@ -255,7 +266,11 @@ class DivergenceGuard(L.Callback):
         return statistics.fmean(self.first) if len(self.first) >= self.reference_steps else None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
-        loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
+        # The loss over every rank's share of the batch (`AdapterModule.training_step`): the ranks decide alike.
+        if isinstance(outputs, dict):
+            loss = float(outputs.get("mean_loss", outputs["loss"]))
+        else:
+            loss = float(outputs)
         if len(self.first) < self.reference_steps:
             self.first.append(loss)
         self.recent.append(loss)
@@ -310,13 +325,21 @@ class Interrupted(Exception):
     def exit_code(self) -> int:
         return 128 + self.signum
 
+    def __reduce__(self) -> tuple[Any, ...]:  # a rank hands it to the process that launched it (`spawn_ranks`)
+        return type(self), (self.signum, self.checkpoint, self.finished)
+
 
 class SignalCheckpoint(L.Callback):
     """On SIGTERM or SIGUSR1, finish the current step (or validation), save `path`, and raise `Interrupted`.
 
     Lightning's own SIGTERM handling raises `SystemExit(0)` between epochs or in the middle of validation, which
     looks like success to schedulers; this callback takes SIGTERM over: it lets validation end, saves a checkpoint at
-    the next step boundary, and the recipe records the run as `interrupted`."""
+    the next step boundary, and the recipe records the run as `interrupted`.
+
+    With several ranks, a signal to any of them stops all of them at the same step boundary: they agree on it after
+    every step (one small all-reduce), save the checkpoint together and raise together. Lightning's handler is not
+    installed then: it broadcasts from inside the handler, a collective at an arbitrary point of rank 0 that the
+    other ranks do not match."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -338,6 +361,18 @@ class SignalCheckpoint(L.Callback):
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = self.signum or signum
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:  # before the trainer registers its handlers (see the class docstring)
+            trainer._signal_connector.register_signal_handlers = lambda: None
+
+    def _agreed(self, trainer: L.Trainer) -> int | None:
+        """The signal to stop on, the same on every rank (the largest number any rank received)."""
+        if trainer.world_size == 1:
+            return self.signum
+        flag = torch.tensor(float(self.signum or 0), device=trainer.strategy.root_device)
+        self.signum = int(trainer.strategy.reduce(flag, reduce_op="max")) or None
+        return self.signum
+
     def on_validation_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if self.signum is not None:
             # Lightning would raise SystemExit before the next validation batch; validation is short, let it end and
@@ -345,7 +380,7 @@ class SignalCheckpoint(L.Callback):
             trainer._signal_connector.received_sigterm = False
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if self.signum is not None:
+        if self._agreed(trainer) is not None:
             trainer._signal_connector.received_sigterm = False
             trainer.save_checkpoint(self.path)
             raise Interrupted(self.signum, self.path)

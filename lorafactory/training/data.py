@@ -23,13 +23,23 @@ class EpochSampler(Sampler[int]):
     padding: generation tasks' lengths vary several-fold) while any order bias stays within a chunk."""
 
     def __init__(
-        self, n: int, seed: int, lengths: list[int] | None = None, batch_size: int = 1, buckets: int | None = None
+        self,
+        n: int,
+        seed: int,
+        lengths: list[int] | None = None,
+        batch_size: int = 1,
+        buckets: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self.n = n
         self.seed = seed
         self.lengths = lengths
         self.batch_size = batch_size
+        """The global batch: with `world_size` ranks, each takes its share of every batch of the shuffled order."""
         self.buckets = buckets
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
         self._skip: tuple[int, int] | None = None
         """(epoch, examples of it already trained on), set when resuming: that epoch's next pass starts after them."""
@@ -56,28 +66,55 @@ class EpochSampler(Sampler[int]):
         shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
         return [i for batch in shuffled + short for i in batch]
 
+    def shard(self, order: list[int]) -> list[int]:
+        """This rank's examples of `order`: examples rank, rank + W, ... of every batch (W ranks), so that the ranks
+        together train on the batches one process would. A last batch with fewer examples than ranks is left out (at
+        most W - 1 examples an epoch): every rank must take the same number of steps."""
+        if self.world_size == 1:
+            return order
+        size, world = self.batch_size, self.world_size
+        return [
+            i
+            for start in range(0, len(order), size)
+            if len(order[start : start + size]) >= world
+            for i in order[start : start + size][self.rank :: world]
+        ]
+
     def __iter__(self) -> Iterator[int]:
         skip = 0
         if self._skip is not None and self._skip[0] == self.epoch:
             skip, self._skip = self._skip[1], None
-        return iter(self.order(self.epoch)[skip:])
+        return iter(self.shard(self.order(self.epoch))[skip:])
 
     def __len__(self) -> int:
-        return self.n
+        if self.world_size == 1:
+            return self.n
+        size, world = self.batch_size, self.world_size
+        last = self.n % size
+        return self.n // size * (size // world) + (-(-(last - self.rank) // world) if last >= world else 0)
 
 
 class ResumableLoader(DataLoader):
     """A DataLoader over an `EpochSampler` (Lightning sets its epoch) that can start a resumed epoch after the batches
-    already trained on (`resume`)."""
+    already trained on (`resume`). With `world_size` ranks, this rank's share of every batch of `batch_size`."""
 
-    def __init__(self, dataset: Any, batch_size: int, seed: int, collate_fn: Any, buckets: int | None = None):
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int,
+        seed: int,
+        collate_fn: Any,
+        buckets: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         lengths = dataset.lengths() if buckets and hasattr(dataset, "lengths") else None
-        self.epoch_sampler = EpochSampler(len(dataset), seed, lengths, batch_size, buckets)
+        self.epoch_sampler = EpochSampler(len(dataset), seed, lengths, batch_size, buckets, rank, world_size)
         # Its own generator: creating an iterator then draws its seed from here, not from the global RNG that dropout
         # uses, so a resumed run's dropout masks match the uninterrupted run's.
         super().__init__(
             dataset,
-            batch_size=batch_size,
+            batch_size=batch_size // world_size,
             sampler=self.epoch_sampler,
             collate_fn=collate_fn,
             generator=torch.Generator().manual_seed(seed),
@@ -102,21 +139,28 @@ class TaskData:
         self.selection = task.selection_set(preprocessor, task_cfg, cache_dir, data_dir)
         self.collate = task.collator(preprocessor)
 
-    def train_loader(self, seed_offset: int = 0) -> ResumableLoader:
+    def train_loader(self, seed_offset: int = 0, rank: int = 0, world_size: int = 1) -> ResumableLoader:
+        """Training batches of `task.batch_size` (the global batch; with `world_size` ranks, this rank's share)."""
         buckets = self.task_cfg.get("length_buckets")
-        return ResumableLoader(self.train, self.task_cfg.batch_size, self.seed + seed_offset, self.collate, buckets)
+        return ResumableLoader(
+            self.train, self.task_cfg.batch_size, self.seed + seed_offset, self.collate, buckets, rank, world_size
+        )
 
-    def eval_loader(self) -> DataLoader:
-        return self._scoring_loader(self.eval)
+    def eval_loader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """The evaluation set; with `world_size` ranks, this rank's examples (`distributed.gather_examples` joins
+        the ranks' outputs back in this order). `task.eval_batch_size` is per device: it changes no result."""
+        return self._scoring_loader(self.eval, rank, world_size)
 
     def selection_loader(self) -> DataLoader | None:
         return self._scoring_loader(self.selection) if self.selection is not None else None
 
-    def _scoring_loader(self, rows: Any) -> DataLoader:
+    def _scoring_loader(self, rows: Any, rank: int = 0, world_size: int = 1) -> DataLoader:
         # Sorted by length, batches hold sentences of similar length: far less padding, same metrics.
         lengths = getattr(rows, "lengths", None)
         order = sorted(range(len(rows)), key=lengths().__getitem__) if lengths else list(range(len(rows)))
-        return DataLoader(rows, batch_size=self.task_cfg.eval_batch_size, sampler=order, collate_fn=self.collate)
+        return DataLoader(
+            rows, batch_size=self.task_cfg.eval_batch_size, sampler=order[rank::world_size], collate_fn=self.collate
+        )
 
     def init_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Training batches for data-dependent initialisation, in an order independent of training's, endlessly

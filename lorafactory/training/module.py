@@ -13,8 +13,9 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from lorafactory.errors import Diverged
+from lorafactory.errors import Diverged, UserError
 from lorafactory.tasks import Evaluation, Task
+from lorafactory.training.distributed import gather_examples
 from lorafactory.training.optim import SchedulerFactory, advance, carry_over_state
 from lorafactory.variants.base import adapter_state_dict
 
@@ -52,21 +53,27 @@ class AdapterModule(L.LightningModule):
     def forward(self, batch: dict[str, Tensor]) -> Any:
         return self.model(**{k: v for k, v in batch.items() if k in self._inputs})
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         loss = self(batch).loss
         aux = self.aux_loss(self.model)
         if aux is not None:
             loss = loss + aux
-        if not torch.isfinite(loss):
-            raise Diverged(f"training loss became {loss.item()} at step {self.global_step}")
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["labels"]))
-        return loss
+        # Over every rank's share of the batch: the ranks then all stop together on a NaN, and all judge divergence
+        # (`DivergenceGuard`) on the same number.
+        mean = loss.detach()
+        if self.trainer.world_size > 1:
+            mean = self.trainer.strategy.reduce(mean, reduce_op="mean")
+        if not torch.isfinite(mean):
+            raise Diverged(f"training loss became {mean.item()} at step {self.global_step}")
+        self.log("train/loss", mean, prog_bar=True, batch_size=len(batch["labels"]))
+        return {"loss": loss, "mean_loss": mean}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._outputs.append(self.task.validation_outputs(self(batch), batch))
 
     def on_validation_epoch_end(self) -> None:
-        outputs = concat(self._outputs)
+        # Several ranks: each validated its share of the set; every rank computes the metrics of the whole of it.
+        outputs = gather_examples(self._outputs) if self.trainer.world_size > 1 else concat(self._outputs)
         self._outputs.clear()
         metrics = self.task.validation_metrics(outputs)
         if self.trainer.sanity_checking:
@@ -74,6 +81,8 @@ class AdapterModule(L.LightningModule):
         self.last_outputs = outputs
         if not self.chance:
             self.chance = self.task.validation_chance(outputs)
+        # Every rank runs the task's own evaluation (a small validation subset): it merges and unmerges the adapters,
+        # which changes the weights by round-off, and the ranks' weights must stay the same.
         extra = self.evaluate(self.model, "validation") if self.evaluate is not None else None
         if extra is not None:
             metrics.update(extra.metrics)
@@ -104,6 +113,12 @@ class AdapterModule(L.LightningModule):
     def rebuild_optimizer(self) -> None:
         """The variant changed its trainable parameters mid-run: a new optimizer over the current ones, carrying the
         state of every parameter that is still there, with the schedule at the step it had reached."""
+        if self.trainer.world_size > 1:
+            # DDP synchronises the gradients of the parameters the model had when it was wrapped, and no others.
+            raise UserError(
+                "this variant changes its trainable parameters during training (rank growth or pruning), which DDP "
+                "cannot follow: train it on one device (trainer=cpu or trainer=gpu)"
+            )
         old = self.trainer.optimizers[0]
         config = self.trainer.lr_scheduler_configs[0]
         optimizer = self.make_optimizer()
