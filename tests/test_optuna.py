@@ -58,12 +58,13 @@ def test_a_search_records_its_trials_like_any_run_and_a_relaunch_replays_it(work
     assert report.returncode == 0, report.stderr
     table = (workdir / "reports" / "search" / "leaderboard.csv").read_text().splitlines()
     rows = [dict(zip(table[0].split(","), line.split(","), strict=False)) for line in table[1:]]
-    assert [r["variant"] for r in rows] == ["lora"]
-    # The report chooses on the selection metric as the search did, and reports the chosen run's validation score.
-    top = max(t["value"] for t in extended["trials"])
-    lr_scale = f"optim.lr_scale={rows[0]['lr_scale']}"
-    [chosen] = [t for t in extended["trials"] if t["value"] == top and lr_scale in t["overrides"]]
-    assert float(rows[0]["mean"]) == pytest.approx(read_record(root / chosen["runs"][0]).final_metric)
+    # Each rank tried is a configuration of its own, a row of its own (never pooled as seeds of one); the row of the
+    # best trial's rank chooses on the selection metric as the search did, and reports that run's validation score.
+    rank_of = {id(t): dict(o.split("=") for o in t["overrides"])["variant.r"] for t in extended["trials"]}
+    assert sorted(r["variant"] for r in rows) == sorted({f"lora[r={r}]" for r in rank_of.values()})
+    best = max(extended["trials"], key=lambda t: t["value"])
+    [row] = [r for r in rows if r["variant"] == f"lora[r={rank_of[id(best)]}]"]
+    assert float(row["mean"]) == pytest.approx(read_record(root / best["runs"][0]).final_metric)
 
 
 def parse(*overrides: str) -> list:

@@ -31,10 +31,12 @@ def write_run(
     direction: str = "max",
     model: str = "tiny-bert",
     name: str = "study",
+    settings: tuple[str, ...] = (),
     **fields: object,
 ) -> Path:
-    """A run folder in the real layout, `<name>/<model>/<task>/<variant>/<run id>/result.json`."""
-    overrides = [f"variant={variant}", f"task={task}", f"optim.lr={lr}", f"seed={seed}"]
+    """A run folder in the real layout, `<name>/<model>/<task>/<variant>/<run id>/result.json`; `settings`: more
+    overrides it was launched with (`variant.r=16`)."""
+    overrides = [f"variant={variant}", f"task={task}", f"optim.lr={lr}", f"seed={seed}", *settings]
     run_dir = root / name / model / task / variant / run_id(overrides, seed)
     fields = {"taxonomy": TAXONOMY.get(variant, ""), "tags": ["baseline"] if variant == "lora" else [], **fields}
     write_record(
@@ -64,6 +66,24 @@ def cell(board, task: str, variant: str, model: str = "tiny-bert"):
     found = board.cell(model, task, variant)
     assert found is not None, f"no cell for {variant} on {task}"
     return found
+
+
+def test_runs_of_one_variant_in_other_settings_are_other_rows_never_pooled_as_seeds(tmp_path: Path) -> None:
+    """A rank sweep: r=4 and r=16 at the same learning rate are two configurations, not two seeds of one; settings
+    that only move the rate (`variant.lr_mult`) and the run's housekeeping do not split a variant."""
+    write_run(tmp_path, "lora", "glue/sst2", "1e-3", 0, 0.80)
+    write_run(tmp_path, "lora", "glue/sst2", "1e-3", 1, 0.82, settings=("variant.lr_mult=1", "trainer.progress_bar=0"))
+    write_run(tmp_path, "lora", "glue/sst2", "1e-3", 0, 0.90, settings=("variant.r=16",))
+    write_run(tmp_path, "lora", "glue/sst2", "1e-3", 0, 0.70, settings=("variant.r=4", "+variant.alpha=8"))
+    write_run(tmp_path, "dora", "glue/sst2", "1e-3", 0, 0.85)
+
+    board = aggregate(load_runs(tmp_path))
+
+    assert sorted(board.cells["variant"]) == ["dora", "lora", "lora[alpha=8,r=4]", "lora[r=16]"]
+    assert (cell(board, "glue/sst2", "lora")["mean"], cell(board, "glue/sst2", "lora")["n"]) == (0.81, 2)
+    assert cell(board, "glue/sst2", "lora[r=16]")["mean"] == 0.90
+    baselines = board.variants[board.variants["baseline"].astype(bool)]["variant"].tolist()
+    assert baselines == ["lora"]  # the reference is LoRA in its default configuration
 
 
 # --- mean ± std over seeds, best learning rate -----------------------------------------------------------------------

@@ -104,9 +104,24 @@ def load_runs(root: str | os.PathLike) -> Runs:
     return Runs(root, pd.DataFrame(rows, columns=list(RECORD_COLUMNS)), skipped)
 
 
+def variant_label(variant: str, overrides: list[str] | None) -> str:
+    """The variant as a leaderboard names it: its registry name, followed by the settings of its own the run was
+    launched with (`lora[r=16]` for `variant.r=16`), so that runs of one variant in different configurations (a rank
+    sweep, an Optuna search over the rank) are never pooled as if they were seeds of one. `variant.lr_mult` only
+    moves the learning rate, which the leaderboard already tells apart."""
+    settings = []
+    for override in overrides or []:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key.startswith("variant.") and key != "variant.lr_mult":
+            settings.append(f"{key.removeprefix('variant.')}={value}")
+    return f"{variant}[{','.join(sorted(settings))}]" if settings else variant
+
+
 def _record_row(record: RunRecord, folder: Path) -> dict[str, Any]:
     row = {name: getattr(record, name) for name in RECORD_COLUMNS if hasattr(record, name)}
-    row["baseline"] = "baseline" in record.tags or record.taxonomy == "baseline"
+    row["variant"] = variant_label(record.variant, record.overrides)
+    # The reference row is the baseline in its default configuration; its other configurations are compared to it.
+    row["baseline"] = ("baseline" in record.tags or record.taxonomy == "baseline") and row["variant"] == record.variant
     if record.activation_mb is not None and record.train_state_mb is not None:
         row["memory_mb"] = record.activation_mb + record.train_state_mb
     row["lr_scale"] = (record.config.get("optim") or {}).get("lr_scale")
