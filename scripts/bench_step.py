@@ -21,6 +21,7 @@ other processes share the cores (with several threads it would count their spin-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -42,6 +43,9 @@ OPTIM = OmegaConf.create(
 
 MODELS = [m for m in group_options("model") if m != "hub"]
 PLAIN_FULL = "plain full fine-tuning"
+FORWARD: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+"""The context every forward runs in: bf16 autocast with `--precision bf16-mixed`, as Lightning runs training_step
+(the backward and the optimizer step run outside it)."""
 """The twin `ours full/...` is compared with: PEFT has no full fine-tuning."""
 
 
@@ -75,7 +79,8 @@ def our_step(
 
     def step() -> None:
         nonlocal optimizer, count
-        loss = model(**batch).loss
+        with FORWARD():
+            loss = model(**batch).loss
         aux = v.aux_loss(model)
         (loss if aux is None else loss + aux).backward()
         v.on_after_backward(model)
@@ -153,7 +158,8 @@ def make_step(model: nn.Module, batch: dict[str, torch.Tensor], input_grad: bool
         inputs = batch
         if input_grad:
             inputs = {**batch, "pixel_values": batch["pixel_values"].detach().requires_grad_(True)}
-        loss = model(**inputs).loss
+        with FORWARD():
+            loss = model(**inputs).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -166,7 +172,7 @@ def make_inference(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable
     inputs = {k: v for k, v in batch.items() if k != "labels"}
 
     def step() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), FORWARD():
             model(**inputs)
 
     return step
@@ -201,7 +207,12 @@ def main() -> None:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a model config field")
     parser.add_argument("--quantize", default=None, help="also time ours on a base stored in this format (nf4)")
+    precisions = ("32-true", "bf16-mixed")
+    parser.add_argument("--precision", choices=precisions, default="32-true", help="bf16-mixed: forward in autocast")
     args = parser.parse_args()
+    global FORWARD
+    if args.precision == "bf16-mixed":
+        FORWARD = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
@@ -260,7 +271,7 @@ def main() -> None:
     shape = f"{batch['pixel_values'].shape[-1]} px" if vision else f"{args.seq} tokens"
     print(
         f"{args.model}, batch {args.batch} × {shape}, r={args.r}, {torch.get_num_threads()} threads, "
-        f"median {args.clock} time of {args.steps} steps{''.join(f', {s}' for s in args.set)}"
+        f"{args.precision}, median {args.clock} time of {args.steps} steps{''.join(f', {s}' for s in args.set)}"
     )
     print(f"{'configuration':<30} {'ms/step':>9} {'× frozen':>9} {'× twin':>8} {'× base':>7}")
     for name, t in median.items():

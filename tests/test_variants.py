@@ -308,6 +308,36 @@ def test_every_trainable_parameter_gets_a_gradient(variant, model):
     assert not dead, f"no gradient reached {dead[:5]}"
 
 
+@pytest.mark.parametrize(("variant", "model"), PAIRS)
+def test_bf16_autocast_training_gives_the_fp32_gradients_to_bf16_precision(variant, model, monkeypatch):
+    """`trainer.precision=bf16-mixed` (the GPU default) runs the forward under autocast and the backward outside it:
+    custom autograd functions must compute their backward in the forward's precision, and every gradient must be
+    that of fp32 training up to bf16 round-off (direction kept), of the parameter's own dtype."""
+    monkeypatch.setattr(lora_module, "MERGE_THRESHOLD", 0.0)  # the merged-weight paths, where there are any
+    v, loaded, _ = adapted(variant, model)
+    unfreeze(loaded.module, loaded.head)
+    model_ = loaded.module.train()
+    for m in model_.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    batch = batch_for(loaded, batch_size=4)
+    v.init_from_data(model_, iter([batch] * 1000), lambda m, b: m(**b).loss)
+    perturb(model_)
+    grads = []
+    for bf16 in (False, True):
+        model_.zero_grad()
+        torch.manual_seed(0)  # variants that draw in their forward draw alike
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model_(**batch).loss
+        loss.backward()
+        params = [p for p in model_.parameters() if p.requires_grad and p.grad is not None]
+        assert all(p.grad.dtype == p.dtype for p in params)
+        grads.append(torch.cat([p.grad.flatten() for p in params]))
+    fp32, bf16 = grads
+    assert torch.isfinite(bf16).all()
+    assert torch.nn.functional.cosine_similarity(fp32, bf16, dim=0) > 0.95
+
+
 @pytest.mark.parametrize("variant", [v for v in VARIANTS.names() if not VARIANTS.get(v).mergeable])
 def test_unmergeable_variants_refuse_kxk_convolutions(variant):
     with pytest.raises(ConfigError, match=f"variant={variant} cannot adapt the k×k convolution 'stem'"):

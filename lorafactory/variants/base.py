@@ -7,6 +7,7 @@ hooks below; the training loop calls every hook on every variant and never asks 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -60,6 +61,32 @@ class VariantConfig:
         else:
             self.targets = [str(t) for t in self.targets]
             check(len(self.targets) > 0, "variant.targets must not be an empty list")
+
+
+class AutocastFunction(torch.autograd.Function):
+    """A custom autograd function whose backward runs under the autocast state its forward ran under, on whatever
+    device its inputs are on (`torch.amp.custom_bwd` does this for one device type named in advance). Under
+    `trainer.precision=bf16-mixed` the forward's products come out in bf16 and the backward gets bf16 gradients, while
+    the frozen weights and the adapter's parameters stay fp32: without autocast the backward's products would mix the
+    two and fail. The gradients returned are cast to each input's dtype by autograd."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        forward, backward = cls.forward, cls.backward
+
+        @functools.wraps(forward)
+        def recording_forward(ctx: Any, *args: Any) -> Any:
+            device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+            ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+            return forward(ctx, *args)
+
+        @functools.wraps(backward)
+        def autocast_backward(ctx: Any, *grads: Any) -> Any:
+            device, enabled, dtype = ctx.autocast
+            with torch.autocast(device, dtype=dtype, enabled=enabled):
+                return backward(ctx, *grads)
+
+        cls.forward, cls.backward = staticmethod(recording_forward), staticmethod(autocast_backward)
 
 
 class AdapterLayer(nn.Module):

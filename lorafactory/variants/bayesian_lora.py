@@ -68,7 +68,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorafactory.errors import check
-from lorafactory.variants.base import VARIANTS, AdapterLayer, Variant, VariantConfig, named_adapter_layers
+from lorafactory.variants.base import (
+    VARIANTS,
+    AdapterLayer,
+    AutocastFunction,
+    Variant,
+    VariantConfig,
+    named_adapter_layers,
+)
 from lorafactory.variants.lora import MergedLoRAFunction, merge_pays
 
 HC_BETA, HC_GAMMA, HC_ZETA = 2.0 / 3.0, -0.1, 1.1
@@ -121,7 +128,7 @@ def residuals(x: Tensor, beta: Tensor | None = None) -> list[Tensor]:
         return parts
 
 
-class NestedQuantize(torch.autograd.Function):
+class NestedQuantize(AutocastFunction):
     """Q(x) = x_2 + z4 (ε4 + z8 (ε8 + z16 (ε16 + z32 ε32))) in one autograd node: the identity gradient for x
     (straight-through) and, for each gate, the bracket it multiplies times the gates before it. The quantizer's
     elementwise passes keep no graph (a tiny layer's step otherwise spends more time in them than in its GEMMs)."""

@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorafactory.variants.base import VARIANTS, VariantConfig, peft_layer_state
+from lorafactory.variants.base import VARIANTS, AutocastFunction, VariantConfig, peft_layer_state
 from lorafactory.variants.lora import LoRA, LoRALinear, merge_pays
 
 
-class MergedDoRAFunction(torch.autograd.Function):
+class MergedDoRAFunction(AutocastFunction):
     """y = x W'ᵀ + b with W' = (m/n) ⊙ (W + s·B A), n its detached row norm; gradients for x, A, B and m."""
 
     @staticmethod

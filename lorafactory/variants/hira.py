@@ -36,7 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorafactory.variants.base import VARIANTS, AdapterLayer, Variant, VariantConfig, kaiming_, peft_layer_state
+from lorafactory.variants.base import (
+    VARIANTS,
+    AdapterLayer,
+    AutocastFunction,
+    Variant,
+    VariantConfig,
+    kaiming_,
+    peft_layer_state,
+)
 
 
 def modulated(weight: Tensor, A: Tensor, B: Tensor, with_base: bool) -> Tensor:
@@ -47,7 +55,7 @@ def modulated(weight: Tensor, A: Tensor, B: Tensor, with_base: bool) -> Tensor:
     return product.mul_(weight)
 
 
-class HadamardFunction(torch.autograd.Function):
+class HadamardFunction(AutocastFunction):
     """y = x (W ⊙ (c + B A))ᵀ + b with c = 1 (`with_base`) or 0; gradients for x, A and B only (W, b frozen)."""
 
     @staticmethod
@@ -66,7 +74,8 @@ class HadamardFunction(torch.autograd.Function):
             grad_x = (g @ buffer).view(x.shape)
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             # ∂L/∂(BA) = W ⊙ gᵀx, written over the buffer the input gradient no longer needs.
-            dense = torch.mm(g.t(), x.reshape(-1, x.shape[-1]), out=buffer).mul_(weight)
+            # (autocast leaves out= products alone: under bf16-mixed, x is cast to the gradient's dtype by hand)
+            dense = torch.mm(g.t(), x.reshape(-1, x.shape[-1]).to(g.dtype), out=buffer).mul_(weight)
             if ctx.needs_input_grad[3]:
                 grad_A = B.t() @ dense
             if ctx.needs_input_grad[4]:

@@ -55,10 +55,11 @@ class HRALinear(RotatedLayer):
     def wy(self) -> tuple[Tensor, Tensor]:
         """(U, V = U T) with H = I − V Uᵀ, in float32 at least."""
         U = self.hra_u.to(torch.promote_types(self.hra_u.dtype, torch.float32))
-        gram = U.t() @ U
-        T_inv = gram.triu(1) + torch.diag_embed(gram.diagonal() / 2)
-        eye = torch.eye(self.r, dtype=U.dtype, device=U.device)
-        return U, U @ torch.linalg.solve_triangular(T_inv, eye, upper=True)
+        with torch.autocast(U.device.type, enabled=False):  # bf16-mixed too: the triangular solve wants float32
+            gram = U.t() @ U
+            T_inv = gram.triu(1) + torch.diag_embed(gram.diagonal() / 2)
+            eye = torch.eye(self.r, dtype=U.dtype, device=U.device)
+            return U, U @ torch.linalg.solve_triangular(T_inv, eye, upper=True)
 
     def rotation_cost(self) -> int:
         return 2 * self.in_features * self.r

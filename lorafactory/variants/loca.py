@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorafactory.errors import check
-from lorafactory.variants.base import VARIANTS, AdapterLayer, Variant, VariantConfig, adapter_layers
+from lorafactory.variants.base import VARIANTS, AdapterLayer, AutocastFunction, Variant, VariantConfig, adapter_layers
 
 
 @cache
@@ -75,7 +75,7 @@ def idct2(coefficients: Tensor, rows: Tensor, cols: Tensor, C_out: Tensor, C_in:
     return C_out.t() @ S @ C_in
 
 
-class LocatedIDCT(torch.autograd.Function):
+class LocatedIDCT(AutocastFunction):
     """ΔW' = idct2(a at round(locations)); ∂a is the spectral gradient at the locations, ∂locations the paper's
     finite-difference estimate (see the module docstring)."""
 

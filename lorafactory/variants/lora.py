@@ -33,6 +33,7 @@ from lorafactory.errors import UserError
 from lorafactory.variants.base import (
     VARIANTS,
     AdapterLayer,
+    AutocastFunction,
     Variant,
     VariantConfig,
     kaiming_,
@@ -41,7 +42,7 @@ from lorafactory.variants.base import (
 )
 
 
-class MergedLoRAFunction(torch.autograd.Function):
+class MergedLoRAFunction(AutocastFunction):
     """y = x (W + s·B A)ᵀ + b in one GEMM; gradients for x, A and B only (W and b are frozen)."""
 
     @staticmethod

@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorafactory.errors import check
-from lorafactory.variants.base import VARIANTS, VariantConfig, adapter_layers
+from lorafactory.variants.base import VARIANTS, AutocastFunction, VariantConfig, adapter_layers
 from lorafactory.variants.lora import LoRA, LoRALinear, merge_pays
 
 
-class FrozenAMergedFunction(torch.autograd.Function):
+class FrozenAMergedFunction(AutocastFunction):
     """y = x (W + s·B A)ᵀ + b in one GEMM with A frozen: saves `x Aᵀ` rather than x; gradients for x and B."""
 
     @staticmethod

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorafactory.errors import check
-from lorafactory.variants.base import VARIANTS, VariantConfig, adapter_layers
+from lorafactory.variants.base import VARIANTS, AutocastFunction, VariantConfig, adapter_layers
 from lorafactory.variants.lora import LoRA, LoRALinear
 
 
@@ -51,7 +51,7 @@ def noise(seed: int, shape: tuple[int, int], like: Tensor) -> Tensor:
     return torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
 
 
-class PerturbedLoRAFunction(torch.autograd.Function):
+class PerturbedLoRAFunction(AutocastFunction):
     """y = x (W + s·BA + E)ᵀ + b, E = (c / √d_out) ⊙ ξ(seed), c = σ‖W + s·BA‖_row + β·g²; gradients for x, A, B."""
 
     @staticmethod

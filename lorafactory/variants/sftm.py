@@ -49,6 +49,7 @@ from lorafactory.variants.base import (
     HEAD_NAMES,
     VARIANTS,
     AdapterLayer,
+    AutocastFunction,
     Variant,
     VariantConfig,
     in_head,
@@ -63,7 +64,7 @@ def merged(weight: Tensor, values: Tensor, indices: Tensor | None) -> Tensor:
     return weight.reshape(-1).index_add(0, indices, values).view(weight.shape)
 
 
-class DeltaLinearFunction(torch.autograd.Function):
+class DeltaLinearFunction(AutocastFunction):
     """y = x (W0 + ΔW)ᵀ + b; gradients for x and for ΔW's trainable entries only (W0 and b are frozen)."""
 
     @staticmethod

@@ -39,7 +39,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorafactory.errors import check
-from lorafactory.variants.base import HEAD_NAMES, VARIANTS, AdapterLayer, Variant, VariantConfig, kaiming_
+from lorafactory.variants.base import (
+    HEAD_NAMES,
+    VARIANTS,
+    AdapterLayer,
+    AutocastFunction,
+    Variant,
+    VariantConfig,
+    kaiming_,
+)
 from lorafactory.variants.lora import merge_pays
 
 # torch says once per process that CSR support is "beta"; the products used here are tested against dense ones.
@@ -92,7 +100,7 @@ class Support:
         return torch.sparse.sampled_addmm(pattern, g.t().to(dt), x.to(dt), beta=0.0).values().to(dtype)
 
 
-class SparseProduct(torch.autograd.Function):
+class SparseProduct(AutocastFunction):
     """x Sᵀ for S on a fixed support with trainable `values`; x (T × d_in) → (T × d_out)."""
 
     @staticmethod
@@ -123,7 +131,7 @@ def merged_weight(weight: Tensor, A: Tensor, B: Tensor, values: Tensor, support:
     return merged
 
 
-class MergedSLTrainFunction(torch.autograd.Function):
+class MergedSLTrainFunction(AutocastFunction):
     """y = x (W + s·B A + S)ᵀ + b in one GEMM; gradients for x, A, B and S's values (W and b are frozen)."""
 
     @staticmethod

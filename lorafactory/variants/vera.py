@@ -44,6 +44,7 @@ from lorafactory.variants.base import (
     HEAD_NAMES,
     VARIANTS,
     AdapterLayer,
+    AutocastFunction,
     SharedRef,
     Variant,
     VariantConfig,
@@ -98,7 +99,7 @@ def input_grads(A: Tensor, B: Tensor, leaves: Sequence[Tensor], grad_A: Tensor |
     return [next(grads) if leaf.requires_grad else None for leaf in leaves]
 
 
-class MergedFactoredFunction(torch.autograd.Function):
+class MergedFactoredFunction(AutocastFunction):
     """y = x (W + s·B'A')ᵀ + b in one GEMM, with (A', B') = factors(*inputs); W and b are frozen."""
 
     @staticmethod
@@ -120,7 +121,7 @@ class MergedFactoredFunction(torch.autograd.Function):
         return grad_x, None, None, None, None, *input_grads(A, B, leaves, grad_A, grad_B)
 
 
-class BranchFactoredFunction(torch.autograd.Function):
+class BranchFactoredFunction(AutocastFunction):
     """out + s·(x A'ᵀ) B'ᵀ with (A', B') = factors(*inputs); `out` is the frozen layer's output."""
 
     @staticmethod
