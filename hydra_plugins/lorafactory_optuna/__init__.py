@@ -148,22 +148,6 @@ class OptunaSweeper(lorafactory_sweeper.LorafactorySweeper):
         job: Any = self.hydra_context.config_loader.load_sweep_config(self.config, [*cell, seed])
         return "maximize" if get_task(job.task).direction == "max" else "minimize"
 
-    def _launchable(self, batch: list[list[str]]) -> list[list[str]]:
-        """The runs of `batch` to launch: not those done or owned by another process (logged, and listed for the
-        sweep's summary)."""
-        keep, seen = [], set()
-        for overrides in batch:
-            if tuple(overrides) in seen:  # a trial proposed twice in one round (a space of choices only) runs once
-                continue
-            seen.add(tuple(overrides))
-            reason, folder = self._skip_reason(overrides)
-            if reason is None:
-                keep.append(overrides)
-            else:
-                log.info("Skipping (%s): %s", reason, folder)
-                lorafactory_sweeper.LorafactorySweeper.skipped.append((reason, folder))
-        return keep
-
     def _tell(self, study: Any, trial: Any, found: Trial) -> None:
         from optuna.trial import TrialState
 

@@ -64,16 +64,7 @@ class LorafactorySweeper(BasicSweeper):
         return super().sweep(arguments) if self.bracket is None else self.bracket_sweep(arguments)
 
     def get_job_batch(self) -> Sequence[Sequence[str]]:
-        batch = super().get_job_batch()
-        keep = []
-        for overrides in batch:
-            reason, folder = self._skip_reason(list(overrides))
-            if reason is None:
-                keep.append(overrides)
-            else:
-                log.info("Skipping (%s): %s", reason, folder)
-                LorafactorySweeper.skipped.append((reason, folder))
-        return keep
+        return self._launchable([list(overrides) for overrides in super().get_job_batch()])
 
     def _folder(self, overrides: list[str]) -> Path:
         from hydra.core.hydra_config import HydraConfig
@@ -158,12 +149,18 @@ class LorafactorySweeper(BasicSweeper):
         return returns
 
     def _launchable(self, batch: list[list[str]]) -> list[list[str]]:
-        keep = []
+        """The runs of `batch` to launch, each once: not those done or owned by another process (logged, and listed
+        for the sweep's summary). A search may propose one run twice in a round (a space of choices only)."""
+        keep, seen = [], set()
         for overrides in batch:
+            if tuple(overrides) in seen:
+                continue
+            seen.add(tuple(overrides))
             reason, folder = self._skip_reason(overrides)
             if reason is None:
                 keep.append(overrides)
             else:
+                log.info("Skipping (%s): %s", reason, folder)
                 LorafactorySweeper.skipped.append((reason, folder))
         return keep
 
