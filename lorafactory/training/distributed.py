@@ -408,7 +408,6 @@ def _rank_zero_result(
 def threads_per_rank(total: int | None, ranks_on_node: int) -> int:
     """Torch threads for each of a node's ranks: `total` (the run's `threads`, else the cores this process may use)
     shared out."""
-    if not total:
-        configured = os.environ.get("OMP_NUM_THREADS", "")
-        total = int(configured) if configured.isdigit() and int(configured) > 0 else len(os.sched_getaffinity(0))
-    return max(1, math.floor(total / ranks_on_node))
+    from lorafactory.cli import available_cores  # here: the CLI module imports the training recipe
+
+    return max(1, math.floor((total or available_cores()) / ranks_on_node))
