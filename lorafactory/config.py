@@ -68,6 +68,40 @@ def run_id(overrides: Sequence[str], seed: Any) -> str:
     return f"{digest}-s{seed}"
 
 
+DRIFT_IGNORED = (
+    "name",
+    "save_adapter",
+    "threads",
+    "paths",
+    "logger",
+    "hydra",
+    "trainer.progress_bar",
+    "trainer.log_every_n_steps",
+    "trainer.ckpt_every_n_steps",
+    "trainer.device_slots",
+    "trainer.accelerator",
+    "trainer.devices",
+)
+"""Settings that do not change what a run computes (naming, logging, checkpointing, where it runs)."""
+
+
+def config_drift(trained: Any, now: Any, prefix: str = "") -> list[str]:
+    """`key: was → now` for each setting a finished run was trained with that its configuration resolves to
+    differently today, e.g. after a variant's default `lr_mult` changed. The run id hashes the overrides, not the
+    defaults, so such a run sits in the folder of a run it is not. Settings that only one side has are not compared:
+    a field added since (whose default keeps the old behaviour) must not make every earlier run stale."""
+    if isinstance(trained, dict) and isinstance(now, dict):
+        out = []
+        for key in sorted(set(trained) & set(now), key=str):
+            path = f"{prefix}{key}"
+            if path not in DRIFT_IGNORED:
+                out += config_drift(trained[key], now[key], f"{path}.")
+        return out
+    if _canonical(trained) == _canonical(now):
+        return []
+    return [f"{prefix.rstrip('.')}: {trained} → {now}"]
+
+
 def _mul(*factors: Any) -> float:
     out = 1.0
     for f in factors:

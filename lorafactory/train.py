@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from lorafactory.config import check_launch
+from lorafactory.config import check_launch, config_drift
 from lorafactory.errors import ConfigError, Diverged, UserError
 from lorafactory.models import MODELS, build_model, check_head_kind, model_modality, unfreeze
 from lorafactory.quantize import parameter_count
@@ -83,7 +83,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, overrides: list[str] | None
 
 
 def _own(cfg: DictConfig, run_dir: Path, overrides: list[str], ranks: distributed.Ranks) -> RunRecord:
-    previous = _previous_record(run_dir)
+    previous = _previous_record(run_dir, cfg)
     if previous is not None and previous.status == "ok":
         log.info("Already done, skipping: %s", run_dir)
         distributed.agree(ranks, "done")
@@ -445,8 +445,12 @@ def _identity(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str,
     }
 
 
-def _previous_record(run_dir: Path) -> RunRecord | None:
-    """The folder's record; one that is not `ok` (or unreadable) is moved aside as `result.<status>-<n>.json`."""
+def _previous_record(run_dir: Path, cfg: DictConfig) -> RunRecord | None:
+    """The folder's record; one that is not `ok` (or unreadable) is moved aside as `result.<status>-<n>.json`.
+
+    So is one trained with settings the configuration no longer resolves to (`config_drift`: a default changed since,
+    e.g. a variant's `lr_mult`), as `result.stale-<n>.json`, with its checkpoint: the run starts over, and None is
+    returned."""
     path = run_dir / RECORD_NAME
     if not path.exists():
         return None
@@ -455,11 +459,25 @@ def _previous_record(run_dir: Path) -> RunRecord | None:
     except (OSError, ValueError, TypeError) as err:
         log.warning("Unreadable record %s (%s); running again", path, err)
         record = None
-    if record is None or record.status != "ok":
-        n = len(list(run_dir.glob("result.*-*.json"))) + 1
-        status = record.status if record else "corrupt"
+    n = len(list(run_dir.glob("result.*-*.json"))) + 1
+    now = _container(cfg)
+    drift = config_drift(record.config, now) if record is not None and now is not None else []
+    if drift:
+        log.warning("%s was trained with other settings (%s): running it again", run_dir, "; ".join(drift))
+        if (run_dir / CHECKPOINT).is_file():
+            (run_dir / CHECKPOINT).rename(run_dir / f"last.ckpt.stale-{n}")
+    if record is None or record.status != "ok" or drift:
+        status = "stale" if drift else record.status if record else "corrupt"
         path.rename(run_dir / f"result.{status}-{n}.json")
-    return record
+    return None if drift else record
+
+
+def _container(cfg: DictConfig) -> dict[str, Any] | None:
+    """`cfg` resolved to plain data, as records store it; None if it cannot be resolved (the run fails on it)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except Exception:
+        return None
 
 
 def _checkpoint(path: Path, run_dir: Path) -> Path | None:

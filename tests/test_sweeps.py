@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from lorafactory.config import config_drift
 from lorafactory.results.record import RunRecord, read_record, write_record
 
 TINY = ["model=tiny-bert", "task.max_train_samples=32", "task.max_eval_samples=16", "trainer.progress_bar=false"]
@@ -101,6 +102,35 @@ def test_a_killed_run_resumes_from_its_checkpoint(workdir):
     record = read_record(run_dir)
     assert record.status == "ok" and record.steps == 12 * 32  # the full schedule, not restarted from zero
     assert len(record.history) >= 2  # evaluations from before the kill were kept with the checkpoint
+
+
+def test_a_finished_run_trained_with_other_settings_runs_again(workdir):
+    """The run id hashes the overrides, not the defaults: after a default changes (a variant's `lr_mult`, set from a
+    study), a finished run sits in the folder of a run it is not. A relaunch trains it again and keeps the old record
+    aside, in a sweep as in a single run; an unchanged one is still skipped."""
+    args = ["-m", *TINY, "variant=lora", "optim.lr_scale=1,2", "name=drift"]
+    assert run(*args, cwd=workdir).returncode == 0
+    root = workdir / "runs" / "drift"
+    [folder] = [root / k for k, r in records(root).items() if r.config["optim"]["lr_scale"] == 1]
+    record = read_record(folder)  # as if trained when lora's default lr_mult was 0.5
+    record.config["variant"]["lr_mult"], record.config["optim"]["lr"] = 0.5, record.lr / 2
+    write_record(folder, record)
+
+    again = run(*args, cwd=workdir)
+    assert again.returncode == 0, again.stderr
+    out = again.stdout + again.stderr
+    assert "variant.lr_mult: 0.5 → 1" in out and f"optim.lr: {record.lr / 2} → {record.lr}" in out
+    assert out.count("Skipping (done)") == 1  # the lr_scale=2 run
+    assert read_record(folder / "result.stale-1.json").config["variant"]["lr_mult"] == 0.5
+    assert read_record(folder).config["variant"]["lr_mult"] == 1 and read_record(folder).status == "ok"
+
+
+def test_config_drift_compares_what_a_run_computes():
+    trained = {"optim": {"lr": 1e-3, "lr_scale": 1}, "variant": {"r": 8, "lr_mult": 0.5}, "paths": {"runs": "a"}}
+    now = {"optim": {"lr": 0.001, "lr_scale": 1.0}, "variant": {"r": 8, "lr_mult": 0.5, "new_field": 3}}
+    assert config_drift(trained, now | {"paths": {"runs": "b"}, "name": "x"}) == []  # same numbers, same run
+    now["variant"]["r"] = 16
+    assert config_drift(trained, now) == ["variant.r: 8 → 16"]
 
 
 def test_parallel_jobs_write_correct_records(workdir):

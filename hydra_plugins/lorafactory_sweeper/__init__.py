@@ -66,14 +66,33 @@ class LorafactorySweeper(BasicSweeper):
     def get_job_batch(self) -> Sequence[Sequence[str]]:
         return self._launchable([list(overrides) for overrides in super().get_job_batch()])
 
-    def _folder(self, overrides: list[str]) -> Path:
+    def _job(self, overrides: list[str]) -> Any:
         from hydra.core.hydra_config import HydraConfig
-        from omegaconf import OmegaConf
 
         assert self.hydra_context is not None and self.config is not None
         job: Any = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         HydraConfig.instance().set_config(job)  # the run folder's path reads `${hydra:overrides.task}`
+        return job
+
+    def _folder(self, overrides: list[str]) -> Path:
+        from omegaconf import OmegaConf
+
+        job = self._job(overrides)
         return Path(OmegaConf.select(job, "hydra.sweep.dir")) / OmegaConf.select(job, "hydra.sweep.subdir")
+
+    def _drift(self, overrides: list[str], record: Any) -> list[str]:
+        """What differs between a finished run's settings and those its overrides resolve to now (`config_drift`):
+        such a run is launched again (it moves its record aside itself)."""
+        from omegaconf import OmegaConf
+
+        from lorafactory.config import config_drift
+
+        job = self._job(overrides)
+        try:
+            now = OmegaConf.to_container(OmegaConf.masked_copy(job, [k for k in job if k != "hydra"]), resolve=True)
+        except Exception:  # unresolvable: the run fails on it and says why
+            return []
+        return config_drift(record.config, now)
 
     def _skip_reason(self, overrides: list[str]) -> tuple[str | None, Path | None]:
         from lorafactory.results.record import RECORD_NAME, read_record
@@ -82,13 +101,17 @@ class LorafactorySweeper(BasicSweeper):
         folder = self._folder(overrides)
         if is_locked(folder):
             return f"running elsewhere, {owner(folder)}", folder
-        record = folder / RECORD_NAME
-        if record.exists():
+        path = folder / RECORD_NAME
+        if path.exists():
             try:
-                if read_record(record).status == "ok":
-                    return "done", folder
+                record = read_record(path)
             except (OSError, ValueError, TypeError):
-                pass  # an unreadable record: the run goes again (and keeps the record aside)
+                return None, folder  # an unreadable record: the run goes again (and keeps the record aside)
+            if record.status == "ok":
+                drift = self._drift(overrides, record)
+                if not drift:
+                    return "done", folder
+                log.warning("Trained with other settings (%s), running again: %s", "; ".join(drift), folder)
         return None, folder
 
     # --- learning-rate bracketing ------------------------------------------------------------------------------------
@@ -173,8 +196,8 @@ class LorafactorySweeper(BasicSweeper):
             record = read_record(self._folder(overrides))
         except (OSError, ValueError, TypeError):
             return None
-        if record.status == "interrupted":
-            return None
+        if record.status == "interrupted" or self._drift(overrides, record):
+            return None  # not run yet with these settings
         metric = record.selection_metric if record.selection_metric is not None else record.final_metric
         if record.status != "ok" or metric is None:
             return WORSE
