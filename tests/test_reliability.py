@@ -3,7 +3,7 @@ the run it would have been, divergence recorded as such, and folders and files t
 
 from __future__ import annotations
 
-import json
+import csv
 import os
 import pickle
 import signal
@@ -191,6 +191,7 @@ def test_a_signal_at_the_end_of_a_validation_stops_with_143_not_0(workdir):
 
 def test_a_killed_and_resumed_run_ends_exactly_as_an_uninterrupted_one(workdir):
     args = [*LONG, "optim.lr=3e-2", "task.epochs=6", "trainer.ckpt_every_n_steps=5", "trainer.evals_per_epoch=3"]
+    args.append("trainer.log_every_n_steps=1")
     whole = run(*args, "name=whole", cwd=workdir)
     assert whole.returncode == 0, whole.stderr
     killed = start(*args, "name=killed", cwd=workdir)
@@ -209,12 +210,20 @@ def test_a_killed_and_resumed_run_ends_exactly_as_an_uninterrupted_one(workdir):
         for key in ha:
             assert hb[key] == pytest.approx(ha[key], abs=1e-6), (key, ha, hb)
     assert b.wall_time_s > 0 and b.throughput > 0
-    # The metric log keeps the rows written before the kill, once each.
-    log = (Path(b.run_dir) / "logs" / "metrics.csv").read_text().splitlines()
-    steps = [json.loads(f"[{line.split(',')[1]}]")[0] for line in log[1:] if ",," in line or line.count(",") > 2]
-    val_steps = [int(line.split(",")[1]) for line in log[1:] if line.split(",")[-1]]
-    assert val_steps == [h["step"] for h in b.history], log
-    assert steps  # train rows exist too
+    # The metric log keeps the rows written before the kill, once each, at the steps the record counts: the
+    # uninterrupted run's rows.
+    log_a, log_b = metric_rows(a), metric_rows(b)
+    assert [int(r["step"]) for r in log_b if r["val/loss"]] == [h["step"] for h in b.history], log_b
+    train_a = {int(r["step"]): float(r["train/loss"]) for r in log_a if r["train/loss"]}
+    train_b = [(int(r["step"]), float(r["train/loss"])) for r in log_b if r["train/loss"]]
+    assert [step for step, _ in train_b] == list(range(1, b.steps + 1)), log_b
+    for step, loss in train_b:
+        assert loss == pytest.approx(train_a[step], abs=1e-6), step
+
+
+def metric_rows(record) -> list[dict[str, str]]:
+    with open(Path(record.run_dir) / "logs" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 # --- 4. divergence -------------------------------------------------------------------------------------------------

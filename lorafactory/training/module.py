@@ -66,6 +66,11 @@ class AdapterModule(L.LightningModule):
         if not torch.isfinite(mean):
             raise Diverged(f"training loss became {mean.item()} at step {self.global_step}")
         self.log("train/loss", mean, prog_bar=True, batch_size=len(batch["labels"]))
+        # The loggers write it at the optimizer step this batch completes, the step the record and the validation rows
+        # count (Lightning's own, the steps done before it, is one less: a resumed run logged its checkpoint's step
+        # twice). A logged `step` replaces Lightning's, and its `epoch` column with it: logged here too.
+        position = {"step": float(self.global_step + 1), "epoch": float(self.current_epoch)}
+        self.log_dict(position, batch_size=len(batch["labels"]))
         return {"loss": loss, "mean_loss": mean}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
