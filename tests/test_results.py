@@ -250,6 +250,69 @@ def test_cost_columns_are_medians_over_the_variants_ok_runs(tmp_path: Path) -> N
     assert variant["memory_mb"] == pytest.approx(300.0)  # activations + trained state, the method's own cost
 
 
+def test_the_memory_column_says_what_it_measures(tmp_path: Path) -> None:
+    write_run(tmp_path, "lora", "glue/sst2", "1e-4", 0, 0.9, activation_mb=40.0, train_state_mb=2.5)
+
+    md = markdown(aggregate(load_runs(tmp_path)))
+
+    assert "Memory (activations + trained state)" in md and "| 42.5 MB |" in md
+
+
+def test_results_at_the_majority_class_baseline_are_flagged(tmp_path: Path) -> None:
+    for seed in range(2):  # chance is 0.5: lora learned, dora and pissa did not
+        write_run(tmp_path, "lora", "glue/sst2", "1e-4", seed, 0.80 + seed / 100, chance_metric=0.5)
+        write_run(tmp_path, "dora", "glue/sst2", "1e-4", seed, 0.50 + seed / 100, chance_metric=0.5)
+        write_run(tmp_path, "pissa", "glue/sst2", "1e-4", seed, 0.505, chance_metric=0.5)
+        write_run(tmp_path, "lora", "glue/cola", "1e-4", seed, 0.0, chance_metric=0.0)
+        write_run(tmp_path, "dora", "glue/cola", "1e-4", seed, 0.005 * seed, chance_metric=0.0)
+
+    notes = aggregate(load_runs(tmp_path)).notes
+
+    assert "tiny-bert glue/sst2: dora, pissa indistinguishable from the majority-class baseline (0.5)." in notes
+    assert any(n.startswith("tiny-bert glue/cola: every variant is indistinguishable") for n in notes), notes
+    assert not any("lora," in n or "lora indistinguishable" in n for n in notes if "glue/sst2" in n)
+
+
+def test_diverged_runs_are_drawn_apart_in_the_learning_rate_figure(tmp_path: Path, monkeypatch) -> None:
+    from lorafactory.results import plots
+
+    write_run(tmp_path, "lora", "glue/sst2", "1e-4", 0, 0.80)
+    write_run(tmp_path, "lora", "glue/sst2", "3e-4", 0, 0.85)
+    write_run(tmp_path, "lora", "glue/sst2", "1e-2", 0, None, status="diverged", error="training loss ran away")
+    board = aggregate(load_runs(tmp_path))
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, ax, title, plot: drawn.append(ax) or plot)
+
+    plots.lr_sensitivity(board, "tiny-bert", "glue/sst2", tmp_path, plots.variant_colours(board))
+
+    [ax] = drawn
+    crosses = [c for c in ax.collections if list(map(tuple, c.get_offsets())) and c.get_offsets()[0][0] == 1e-2]
+    assert len(crosses) == 1 and crosses[0].get_offsets()[0][1] == ax.get_ylim()[0]  # on the bottom edge
+    assert "diverged (no score)" in ax.get_legend_handles_labels()[1]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1e-4", "3e-4", "1e-2"]
+
+
+def test_variants_of_equal_size_get_legible_labels_in_the_parameter_figure(tmp_path: Path, monkeypatch) -> None:
+    from lorafactory.results import plots
+
+    for variant, value, params in [("lora", 0.80, 36864), ("pissa", 0.81, 36864), ("dora", 0.82, 38400)]:
+        write_run(tmp_path, variant, "glue/sst2", "1e-4", 0, value, adapter_params=params)
+    board = aggregate(load_runs(tmp_path))
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, ax, title, plot: drawn.append(ax) or plot)
+
+    plots.metric_vs_params(board, "tiny-bert", "glue/sst2", tmp_path)
+
+    [ax] = drawn
+    labels = {a.get_text(): a for a in ax.texts}
+    assert set(labels) == {"lora", "pissa", "dora"}
+    # lora and pissa share a parameter count: their labels sit one above the other, not on top of each other.
+    assert labels["lora"].xy[0] == labels["pissa"].xy[0]
+    assert labels["lora"].xyann != labels["pissa"].xyann
+    assert ax.xaxis.get_major_formatter()(36864, 0) == "36.9k"
+    assert [plots.format_count(v) for v in (740, 74_000, 1_200_000)] == ["740", "74k", "1.2M"]
+
+
 # --- failed, diverged and unreadable records -------------------------------------------------------------------------
 
 
