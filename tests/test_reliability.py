@@ -254,6 +254,42 @@ def test_the_divergence_rule():
             guard.on_train_batch_end(Trainer(), None, {"loss": torch.tensor(loss)})
 
 
+def test_an_exploding_or_nan_validation_loss_is_divergence():
+    from lorafactory.errors import Diverged
+    from lorafactory.training.callbacks import DivergenceGuard
+
+    class Trainer:
+        global_step = 7
+        sanity_checking = False
+
+    class Module:
+        history = [{"step": 7, "loss": 6.9}]
+
+    guard = DivergenceGuard(eval_factor=10.0, reference_steps=2)
+    for loss in (0.6, 0.8):
+        guard.on_train_batch_end(Trainer(), None, {"loss": torch.tensor(loss)})
+    guard.on_validation_end(Trainer(), Module())  # below 10× the first steps' mean 0.7
+    for loss, shown in ((7.1, "7.1"), (float("nan"), "nan")):
+        Module.history = [{"step": 7, "loss": loss}]
+        with pytest.raises(Diverged, match=f"validation loss exploded: {shown} at step 7, more than 10× "):
+            guard.on_validation_end(Trainer(), Module())
+
+
+def test_a_resumed_runs_wall_time_and_throughput_add_up_every_attempt():
+    from lorafactory.training.callbacks import RunStats
+
+    first = RunStats(variant=None, attempt_start=time.perf_counter() - 30.0)  # trained 30 s up to its checkpoint
+    first.step_times, first.samples = [0.5, 0.5], 8
+    second = RunStats(variant=None, attempt_start=time.perf_counter() - 10.0)  # the relaunch, 10 s so far
+    second.load_state_dict(first.state_dict())
+    second.step_times.append(1.0)
+    second.samples += 4
+
+    assert second.wall_s == pytest.approx(40.0, abs=1.0)
+    assert second.summary()["throughput"] == pytest.approx(12 / 2.0)
+    assert second.summary()["resumed"] == 1
+
+
 # --- 8, 9, 10. sweeps, folders and files ---------------------------------------------------------------------------
 
 
@@ -339,3 +375,49 @@ def test_other_loggers_write_into_the_run_folder(workdir, logger, pattern):
     assert result.returncode == 0, result.stderr
     [record] = records(workdir / "runs").values()
     assert list(Path(record.run_dir).glob(pattern)), sorted(p.name for p in Path(record.run_dir).rglob("*"))
+
+
+def test_sigusr1_in_a_slurm_job_requeues_the_job_and_sigterm_does_not(tmp_path, monkeypatch):
+    from lorafactory.cli import requeue_on_slurm
+    from lorafactory.training.callbacks import Interrupted
+
+    calls = tmp_path / "calls"
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    for name in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_NTASKS", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+
+    requeue_on_slurm(Interrupted(signal.SIGTERM, None))  # scancel or preemption: relaunching is the user's call
+    assert not calls.exists()
+    requeue_on_slurm(Interrupted(signal.SIGUSR1, None))  # the time limit is near: the same job goes back in the queue
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "100")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    requeue_on_slurm(Interrupted(signal.SIGUSR1, None))
+    assert calls.read_text().splitlines() == ["requeue 4242", "requeue 100_3"]
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+def test_wandb_runs_offline_when_its_server_cannot_be_reached(monkeypatch, reachable):
+    import socket
+
+    from hydra import compose, initialize_config_dir
+
+    import lorafactory.variants  # noqa: F401  (the variant configs the composition needs)
+    from lorafactory.config import CONF_DIR
+
+    class Connection:
+        def close(self) -> None:
+            pass
+
+    def connect(address, timeout=None):
+        if not reachable:
+            raise OSError("Network is unreachable")
+        return Connection()
+
+    monkeypatch.setattr(socket, "create_connection", connect)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["logger=wandb"])
+    assert cfg.logger.offline is (not reachable)
