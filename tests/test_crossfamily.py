@@ -304,3 +304,20 @@ def test_a_study_of_one_task_and_one_seed_says_why_instead_of_failing(tmp_path: 
     assert "No confidence intervals or paired tests: every variant has one seed and no per-example outputs." in md
     assert not (out / "cd_diagram.png").exists() and not (out / "lr_windows.png").exists()
     assert "| rank | lora | 0.800 |" in (out / "crossfamily.md").read_text()
+
+
+def test_a_task_without_intervals_beside_one_with_them_is_reported(tmp_path: Path) -> None:
+    """One seed and no per-example outputs on SST-2, per-example outputs on a second task (a zoo run on text and on
+    images): the first task's rows say they have no interval, the second's give theirs."""
+    labels = np.arange(100) % 2
+    for variant, value in (("lora", 0.80), ("dora", 0.82)):
+        write_run(tmp_path / "runs", variant, "glue/sst2", "1e-3", 0, value)
+        outputs = np.where(np.arange(100) < round(100 * value), labels, 1 - labels)
+        examples = {"outputs": outputs.tolist(), "labels": labels.tolist()}
+        write_run(tmp_path / "runs", variant, "glue/rte", "1e-3", 0, value, eval_examples=examples)
+    out = tmp_path / "report"
+
+    assert main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+
+    md = (out / "leaderboard.md").read_text()
+    assert "| lora | 0.800 | none (one seed) |" in md and "bootstrap (examples): 1 seed, 100 examples" in md

@@ -699,7 +699,7 @@ def _significance_rows(study: Study, model: str, task: str) -> list[list[str]]:
     )
     rows = []
     for c in cells.itertuples():
-        if c.method is None:
+        if not isinstance(c.method, str):  # None, or NaN once tasks with and without intervals share the table
             interval = "none (one seed)"
         else:
             examples = f", {c.examples} examples" if c.examples else ""
