@@ -310,7 +310,7 @@ def test_a_task_without_intervals_beside_one_with_them_is_reported(tmp_path: Pat
     """One seed and no per-example outputs on SST-2, per-example outputs on a second task (a zoo run on text and on
     images): the first task's rows say they have no interval, the second's give theirs."""
     labels = np.arange(100) % 2
-    for variant, value in (("lora", 0.80), ("dora", 0.82)):
+    for variant, value in (("lora", 0.82), ("dora", 0.80)):
         write_run(tmp_path / "runs", variant, "glue/sst2", "1e-3", 0, value)
         outputs = np.where(np.arange(100) < round(100 * value), labels, 1 - labels)
         examples = {"outputs": outputs.tolist(), "labels": labels.tolist()}
@@ -320,4 +320,5 @@ def test_a_task_without_intervals_beside_one_with_them_is_reported(tmp_path: Pat
     assert main([str(tmp_path / "runs"), "--out", str(out)]) == 0
 
     md = (out / "leaderboard.md").read_text()
-    assert "| lora | 0.800 | none (one seed) |" in md and "bootstrap (examples): 1 seed, 100 examples" in md
+    assert "| lora | 0.820 | none (one seed) |" in md and "bootstrap (examples): 1 seed, 100 examples" in md
+    assert "Best average rank: lora 1.00; 1 other variant(s)" in md  # LoRA named once when it is the best

@@ -503,7 +503,7 @@ def _rank_line(study: Study) -> str:
     if test is None:
         return f"Average ranks across tasks are not computed: {study.rank_reason}"
     ranked = sorted(zip(test.average_ranks, study.rank_variants, strict=True))
-    lora = next((f"; {REFERENCE} {rank:.2f}" for rank, name in ranked if name == REFERENCE), "")
+    lora = next((f"; {REFERENCE} {rank:.2f}" for rank, name in ranked[1:] if name == REFERENCE), "")
     joined = next((group for group in study.rank_cliques if ranked[0][1] in group), ())
     return (
         f"Across {test.tasks} tasks and {test.variants} variants: Friedman χ²_F = {test.chi2:.2f} "
