@@ -96,15 +96,44 @@ def hydra_main(cfg: DictConfig) -> None:
     if record is None:  # another rank of a run on several devices: rank 0 reports it
         return
     if record.status == "ok":
-        metric = record.primary_metric
-        print(
-            f"{record.status}: {record.variant} on {record.task}: {metric} {record.final_metric:.4f} "
-            f"(best {record.best_metric:.4f} at step {record.best_step}) -> {record.run_dir}/result.json"
-        )
+        say_ok(record)
     else:
         print(f"{record.status}: {record.variant} on {record.task}: {record.error}", file=sys.stderr)
         if not multirun:
             sys.exit(EXIT_FAILED)
+
+
+def say_ok(record: Any) -> None:
+    print(
+        f"ok: {record.variant} on {record.task}: {record.primary_metric} {record.final_metric:.4f} "
+        f"(best {record.best_metric:.4f} at step {record.best_step}) -> {record.run_dir}/result.json"
+    )
+
+
+def settled(folder: Path, cfg: DictConfig) -> bool:
+    """Whether a single run is settled before it starts: its folder is owned by a live process (said, exit 3), or
+    holds the `ok` record of these very settings (said, True). Looked at before Hydra writes its `.hydra/` and
+    `run.log` into the folder, which would replace a finished run's training log; `train.run` checks both again
+    under the folder's lock."""
+    from omegaconf import OmegaConf
+
+    from lorafactory.config import config_drift
+    from lorafactory.results.record import RECORD_NAME, read_record
+    from lorafactory.runlock import is_locked, owner
+
+    if is_locked(folder):
+        print(f"skipped: running elsewhere ({owner(folder)}): {folder}", file=sys.stderr)
+        sys.exit(EXIT_RUNNING_ELSEWHERE)
+    try:
+        record = read_record(folder / RECORD_NAME)
+        now = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    except Exception:  # no record, an unreadable one, or settings that do not resolve: the run decides
+        return False
+    if record.status != "ok" or config_drift(record.config, now):
+        return False
+    print(f"Already done, skipping: {folder}", file=sys.stderr)
+    say_ok(record)
+    return True
 
 
 # Exit statuses (README, "What a run writes"): 0 ok; 1 a run failed or diverged (a sweep: any of its runs);
@@ -172,10 +201,12 @@ class SweepSummary(Callback):
 def main() -> None:
     try:
         check_overrides(sys.argv[1:])
-        check_run_folder(sys.argv[1:])
+        single = check_run_folder(sys.argv[1:])
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    if single is not None and settled(*single):
+        return
     hydra_main()
     if SweepSummary.failed:
         print(f"{SweepSummary.failed} run(s) of the sweep failed or diverged (see above)", file=sys.stderr)

@@ -186,19 +186,22 @@ def check_overrides(args: Sequence[str]) -> None:
 
     overrides = split_args(args)
     if overrides is None:
-        return
+        return None
     multirun = any(a in ("-m", "--multirun") for a in args)
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as err:
         raise ConfigError(_one_line(err)) from None
-    choices: list[tuple[str, list[str]]] = []  # (override key as typed, its values)
+    from lorafactory.schema import RULES
+
+    choices: list[list[str]] = []  # each override as typed, once per value it sweeps
     for o in parsed:
-        raw_key = o.key_or_group
-        key = raw_key.lstrip("+~")
+        key = o.key_or_group  # the parser keeps `+`, `++` and `~` apart, in `o.type`
+        raw_key = ("++" if o.is_force_add() else "+" if o.is_add() else "~" if o.is_delete() else "") + key
         if key.startswith("hydra"):
             continue
-        if raw_key.startswith("+") and not raw_key.startswith("++") and key.split(".")[0] not in GROUPS:
+        if o.is_add() and key not in GROUPS and key not in RULES:
+            # optional keys the code reads (`+task.eval_every_n_steps=4`) are in the schema; any other is a typo
             raise ConfigError(
                 f"unknown config key '{key}' ({o.input_line}): '+' adds a key the config does not have, and nothing "
                 "would read it; `--cfg job` prints every key"
@@ -222,20 +225,24 @@ def check_overrides(args: Sequence[str]) -> None:
             for value in values:
                 if value not in valid and value != "null":
                     raise UnknownNameError(key, value, valid)
-        choices.append((raw_key, values))
+        if o.is_delete() and o.value() is None:
+            choices.append([o.input_line])  # `~key` alone
+        else:
+            choices.append([f"{raw_key}={value}" for value in values])
     # Hydra's own overrides are kept for the launch check: whether several devices can be launched depends on them.
     hydra_overrides = [o.input_line for o in parsed if o.key_or_group.lstrip("+~").startswith("hydra")]
-    first = [f"{k}={v[0]}" for k, v in choices if v]
+    first = [c[0] for c in choices if c]
     _compose_and_validate(first, hydra_overrides, multirun)
-    for i, (key, values) in enumerate(choices):
-        for value in values[1:]:
-            others = [f"{k}={v[0]}" for j, (k, v) in enumerate(choices) if j != i and v]
-            _compose_and_validate([*others, f"{key}={value}"], hydra_overrides, multirun)
+    for i, overrides in enumerate(choices):
+        for override in overrides[1:]:
+            others = [c[0] for j, c in enumerate(choices) if j != i and c]
+            _compose_and_validate([*others, override], hydra_overrides, multirun)
 
 
-def check_run_folder(args: Sequence[str]) -> None:
+def check_run_folder(args: Sequence[str]) -> tuple[Path, Any] | None:
     """Fail with one line when the folder a command writes into (the run folder, or a sweep's) cannot be written:
-    Hydra writes it before any of our code runs, and would answer with a traceback."""
+    Hydra writes it before any of our code runs, and would answer with a traceback. For a single run, its folder and
+    composed config (with `hydra`), so that the command can look at what the folder holds before Hydra writes there."""
     import tempfile
 
     from hydra import compose, initialize_config_dir
@@ -244,7 +251,7 @@ def check_run_folder(args: Sequence[str]) -> None:
 
     overrides = split_args(args)
     if overrides is None:
-        return
+        return None
     multirun = any(a in ("-m", "--multirun") for a in args)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -253,7 +260,7 @@ def check_run_folder(args: Sequence[str]) -> None:
         multirun = multirun or str(OmegaConf.select(cfg, "hydra.mode")) == "RunMode.MULTIRUN"  # an enum
         folder = Path(OmegaConf.select(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir"))
     except (HydraException, ValueError, TypeError, KeyError):  # sweeps and exotic values: Hydra and the run decide
-        return
+        return None
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     try:
         if not existing.is_dir():
@@ -264,6 +271,7 @@ def check_run_folder(args: Sequence[str]) -> None:
         raise ConfigError(
             f"cannot write the run folder {folder} ({err.strerror or err}); point paths.runs somewhere writable"
         ) from None
+    return None if multirun else (folder, cfg)
 
 
 def _compose_and_validate(overrides: list[str], hydra_overrides: Sequence[str] = (), multirun: bool = False) -> None:

@@ -90,6 +90,7 @@ MISTAKES = [
     (["variant.rr=16"], "unknown config key 'variant.rr'"),
     (["trainer.max_steps=3"], "unknown config key 'trainer.max_steps'; did you mean task.max_steps?"),
     (["+foo=1"], "unknown config key 'foo'"),
+    (["+task.eval_every_n_stepz=4"], "unknown config key 'task.eval_every_n_stepz'"),
     (["variant.r=0"], "variant.r must be >= 1, got 0"),
     (["variant.r=2.5"], "variant.r must be an integer, got 2.5"),
     (["variant.alpha=-2"], "variant.alpha must be > 0, got -2"),
@@ -123,6 +124,14 @@ def test_mistakes_are_caught_before_anything_is_built(args, expected):
     with pytest.raises(UserError) as caught:
         check_overrides(["model=tiny-bert", *args])
     assert expected in str(caught.value)
+
+
+@pytest.mark.parametrize("args", [["+task.eval_every_n_steps=4"], ["+task.eval_every_n_steps=4,8", "seed=0,1"]])
+def test_what_the_code_reads_is_accepted(args):
+    """`+` adds a key the config lacks: an optional field the code reads is accepted, swept or not."""
+    from lorafactory.config import check_overrides
+
+    check_overrides(["model=tiny-bert", *args])
 
 
 # Target names can only be checked against the model's modules, once it is built: the run reports them.

@@ -312,6 +312,30 @@ def test_a_relaunched_sweep_leaves_finished_runs_untouched(workdir):
         assert path.read_bytes() == content and path.stat().st_mtime_ns == mtime, path
 
 
+def test_a_relaunched_single_run_leaves_its_finished_folder_untouched(workdir):
+    first = run(*TINY, "name=single", cwd=workdir)
+    assert first.returncode == 0, first.stderr
+    root = workdir / "runs" / "single"
+    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+    second = run(*TINY, "name=single", cwd=workdir)
+    assert second.returncode == 0, second.stderr
+    assert "Already done, skipping: " in second.stderr and second.stdout.startswith("ok: lora on glue/sst2: accuracy ")
+    assert {p for p in root.rglob("*") if p.is_file()} == set(files)  # not even a new run.log line or .hydra file
+    for path, (content, mtime) in files.items():
+        assert path.read_bytes() == content and path.stat().st_mtime_ns == mtime, path
+
+
+def test_a_single_run_owned_elsewhere_is_refused_before_anything_is_written(workdir):
+    from lorafactory.config import run_id
+
+    folder = workdir / "runs" / "owned" / "tiny-bert" / "glue" / "sst2" / "lora" / run_id([*TINY, "name=owned"], 0)
+    holder = hold_lock(folder)
+    second = run(*TINY, "name=owned", cwd=workdir)
+    holder.communicate("\n", timeout=60)
+    assert second.returncode == 3 and "skipped: running elsewhere (pid " in second.stderr, second.stderr
+    assert sorted(p.name for p in folder.iterdir()) == [".lock"]  # Hydra wrote no .hydra/ nor run.log
+
+
 def test_records_are_readable_by_the_group(workdir):
     result = run(*TINY, cwd=workdir)
     assert result.returncode == 0, result.stderr
