@@ -31,6 +31,9 @@ float32: torch's FFT has no half-precision CPU kernel) and the layer runs one GE
 the input gradient and the dense ∂L/∂ΔW = gᵀx that the spectrum's gradient (a forward FFT of it, read at the n
 locations) needs: three GEMMs per step against PEFT's five (PEFT runs the base layer and x ΔWᵀ as two GEMMs forward,
 two input gradients and the same gᵀx backward).
+
+Measured (docs/bench.md: MiniLM-L6, every linear layer, n = 1,000): a step costs 1.47× the frozen model's
+forward + backward, against 2.22× for PEFT's FourierFT in the same process.
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ reflections' normalisation is inside T, so no step normalises U. PEFT instead mu
 updates into H and forms W0 H every step (r·d_in² + d_out·d_in² work). Layers small for the number of tokens
 (d_out < ~12r) run one GEMM with W0 H = W0 − (W0 U T) Uᵀ instead (see OFT's `merge_pays`). Merging writes W0 H and
 unmerging multiplies by Hᵀ, exact to round-off.
+
+Measured (docs/bench.md: MiniLM-L6, every linear layer, r = 8): a step costs 1.32× the frozen model's forward +
+backward, against 2.88× for PEFT's HRA in the same process.
 """
 
 from __future__ import annotations

@@ -39,6 +39,9 @@ W0 + ΔW; the backward's ∂L/∂ΔW' = gᵀx is the dense GEMM the estimator ne
 densely (C_out G C_inᵀ, d_out·d_in·(d_out + d_in)) or only at the 1 + 4 probes per coefficient (one or two
 n × d_out × d_in products), whichever costs less. The DCT matrices are built once per width, dtype and device and
 shared by every layer.
+
+Measured (docs/bench.md: MiniLM-L6, every linear layer): a step costs 1.83× the frozen model's forward + backward
+(PEFT has no LoCA).
 """
 
 from __future__ import annotations

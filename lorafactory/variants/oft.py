@@ -27,6 +27,9 @@ small for the number of tokens (d_out < ~6b, as in the tiny test models), one GE
 its dense weight gradient, and is used instead (`RotatedLayer.merge_pays`; tests check both paths agree). k×k
 convolutions (weight viewed as d_out × in·k·k) run with W0 R. Merging writes W0 R (in float32 at least) and
 unmerging multiplies by Rᵀ, exact to round-off because R is orthogonal.
+
+Measured (docs/bench.md: MiniLM-L6, every linear layer, b = 32): a step costs 1.20× the frozen model's forward +
+backward, against 1.26× for PEFT's OFT in the same process.
 """
 
 from __future__ import annotations
