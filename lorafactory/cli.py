@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 import lorafactory.variants  # noqa: F401  (registers every variant's config in Hydra's ConfigStore)
 from lorafactory.config import CONF_DIR, check_overrides, check_run_folder
 from lorafactory.errors import UserError
+from lorafactory.slots import available_cores
 
 log = logging.getLogger("lorafactory")
 
@@ -38,15 +39,6 @@ def quiet() -> None:
     # torch's deprecation inside Lightning's own pytree helper: nothing a user can act on.
     warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def available_cores() -> int:
-    """The cores this process may use: `OMP_NUM_THREADS` when set (SLURM jobs and test workers set it), else the CPU
-    affinity (a cgroup or `taskset` limit), not the machine's count."""
-    configured = os.environ.get("OMP_NUM_THREADS", "")
-    if configured.isdigit() and int(configured) > 0:
-        return int(configured)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -115,25 +107,17 @@ def settled(folder: Path, cfg: DictConfig) -> bool:
     holds the `ok` record of these very settings (said, True). Looked at before Hydra writes its `.hydra/` and
     `run.log` into the folder, which would replace a finished run's training log; `train.run` checks both again
     under the folder's lock."""
-    from omegaconf import OmegaConf
+    from lorafactory.config import run_state
+    from lorafactory.runlock import owner
 
-    from lorafactory.config import config_drift
-    from lorafactory.results.record import RECORD_NAME, read_record
-    from lorafactory.runlock import is_locked, owner
-
-    if is_locked(folder):
+    state, record = run_state(folder, cfg)
+    if state == "elsewhere":
         print(f"skipped: running elsewhere ({owner(folder)}): {folder}", file=sys.stderr)
         sys.exit(EXIT_RUNNING_ELSEWHERE)
-    try:
-        record = read_record(folder / RECORD_NAME)
-        now = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
-    except Exception:  # no record, an unreadable one, or settings that do not resolve: the run decides
-        return False
-    if record.status != "ok" or config_drift(record.config, now):
-        return False
-    print(f"Already done, skipping: {folder}", file=sys.stderr)
-    say_ok(record)
-    return True
+    if state == "done":
+        print(f"Already done, skipping: {folder}", file=sys.stderr)
+        say_ok(record)
+    return state == "done"
 
 
 # Exit statuses (README, "What a run writes"): 0 ok; 1 a run failed or diverged (a sweep: any of its runs);

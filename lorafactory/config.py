@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import socket
 from collections.abc import Sequence
@@ -18,6 +19,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from lorafactory.errors import ConfigError, UnknownNameError
+
+log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "variant", "task", "optim", "scheduler", "trainer", "logger", "sweep", "experiment")
@@ -100,6 +103,38 @@ def config_drift(trained: Any, now: Any, prefix: str = "") -> list[str]:
     if _canonical(trained) == _canonical(now):
         return []
     return [f"{prefix.rstrip('.')}: {trained} → {now}"]
+
+
+def resolved(cfg: Any) -> dict[str, Any] | None:
+    """`cfg` without Hydra's own node, resolved to plain data as run records store it; None if it does not resolve
+    (the run then fails on it, and says why)."""
+    try:
+        return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    except Exception:  # any unresolvable value
+        return None
+
+
+def run_state(folder: Path, cfg: Any) -> tuple[str | None, Any]:
+    """What a launch finds in a run folder before it trains: ("elsewhere", None) when a live process owns it,
+    ("done", the record) when it holds the `ok` record of the settings `cfg` resolves to, else (None, None): the run
+    goes. An `ok` record of other settings (`config_drift`) is named in a warning; `train.run` keeps it aside."""
+    from lorafactory.results.record import RECORD_NAME, read_record
+    from lorafactory.runlock import is_locked
+
+    if is_locked(folder):
+        return "elsewhere", None
+    try:
+        record = read_record(folder / RECORD_NAME)
+    except (OSError, ValueError, TypeError):  # none, or unreadable: the run goes again (and keeps it aside)
+        return None, None
+    if record.status != "ok":
+        return None, None
+    now = resolved(cfg)
+    drift = config_drift(record.config, now) if now is not None else []
+    if drift:
+        log.warning("Trained with other settings (%s), running again: %s", "; ".join(drift), folder)
+        return None, None
+    return "done", record
 
 
 def _mul(*factors: Any) -> float:
@@ -186,7 +221,7 @@ def check_overrides(args: Sequence[str]) -> None:
 
     overrides = split_args(args)
     if overrides is None:
-        return None
+        return
     multirun = any(a in ("-m", "--multirun") for a in args)
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)

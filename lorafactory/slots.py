@@ -23,6 +23,15 @@ POLL_S = 0.5
 """How often a run waiting for a slot looks again."""
 
 
+def available_cores() -> int:
+    """The cores this process may use: `OMP_NUM_THREADS` when set (SLURM jobs and test workers set it), else the CPU
+    affinity (a cgroup or `taskset` limit), not the machine's count."""
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class DeviceSlot:
     """`with DeviceSlot(folder, n) as slot:` holds slot `slot.index` (0 ≤ index < n) for the block."""
 

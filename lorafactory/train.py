@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from lorafactory.config import check_launch, config_drift
+from lorafactory.config import check_launch, config_drift, resolved
 from lorafactory.errors import ConfigError, Diverged, UserError
 from lorafactory.models import MODELS, build_model, check_head_kind, model_modality, unfreeze
 from lorafactory.quantize import parameter_count
@@ -460,7 +460,7 @@ def _previous_record(run_dir: Path, cfg: DictConfig) -> RunRecord | None:
         log.warning("Unreadable record %s (%s); running again", path, err)
         record = None
     n = len(list(run_dir.glob("result.*-*.json"))) + 1
-    now = _container(cfg)
+    now = resolved(cfg)
     drift = config_drift(record.config, now) if record is not None and now is not None else []
     if drift:
         log.warning("%s was trained with other settings (%s): running it again", run_dir, "; ".join(drift))
@@ -470,14 +470,6 @@ def _previous_record(run_dir: Path, cfg: DictConfig) -> RunRecord | None:
         status = "stale" if drift else record.status if record else "corrupt"
         path.rename(run_dir / f"result.{status}-{n}.json")
     return None if drift else record
-
-
-def _container(cfg: DictConfig) -> dict[str, Any] | None:
-    """`cfg` resolved to plain data, as records store it; None if it cannot be resolved (the run fails on it)."""
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except Exception:
-        return None
 
 
 def _checkpoint(path: Path, run_dir: Path) -> Path | None:

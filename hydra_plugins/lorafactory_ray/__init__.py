@@ -151,7 +151,7 @@ def execute_job(
             "shared by the driver and every node"
         )
     os.chdir(cwd)
-    # The run's thread count comes from here (`cli.available_cores`); Ray leaves a value the driver had in place.
+    # The run's thread count comes from here (`slots.available_cores`); Ray leaves a value the driver had in place.
     os.environ["OMP_NUM_THREADS"] = str(threads)
     setup_globals()
     Singleton.set_state(singleton_state)

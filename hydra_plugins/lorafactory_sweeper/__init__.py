@@ -67,6 +67,7 @@ class LorafactorySweeper(BasicSweeper):
         return self._launchable([list(overrides) for overrides in super().get_job_batch()])
 
     def _job(self, overrides: list[str]) -> Any:
+        """The job's composed config (with `hydra`), as its launch will see it."""
         from hydra.core.hydra_config import HydraConfig
 
         assert self.hydra_context is not None and self.config is not None
@@ -74,45 +75,26 @@ class LorafactorySweeper(BasicSweeper):
         HydraConfig.instance().set_config(job)  # the run folder's path reads `${hydra:overrides.task}`
         return job
 
-    def _folder(self, overrides: list[str]) -> Path:
+    @staticmethod
+    def _folder_of(job: Any) -> Path:
         from omegaconf import OmegaConf
 
-        job = self._job(overrides)
         return Path(OmegaConf.select(job, "hydra.sweep.dir")) / OmegaConf.select(job, "hydra.sweep.subdir")
 
-    def _drift(self, overrides: list[str], record: Any) -> list[str]:
-        """What differs between a finished run's settings and those its overrides resolve to now (`config_drift`):
-        such a run is launched again (it moves its record aside itself)."""
-        from omegaconf import OmegaConf
-
-        from lorafactory.config import config_drift
-
-        job = self._job(overrides)
-        try:
-            now = OmegaConf.to_container(OmegaConf.masked_copy(job, [k for k in job if k != "hydra"]), resolve=True)
-        except Exception:  # unresolvable: the run fails on it and says why
-            return []
-        return config_drift(record.config, now)
+    def _folder(self, overrides: list[str]) -> Path:
+        return self._folder_of(self._job(overrides))
 
     def _skip_reason(self, overrides: list[str]) -> tuple[str | None, Path | None]:
-        from lorafactory.results.record import RECORD_NAME, read_record
-        from lorafactory.runlock import is_locked, owner
+        """Why not to launch a job (`config.run_state`): owned by a live process, or done with these settings."""
+        from lorafactory.config import run_state
+        from lorafactory.runlock import owner
 
-        folder = self._folder(overrides)
-        if is_locked(folder):
+        job = self._job(overrides)
+        folder = self._folder_of(job)
+        state, _ = run_state(folder, job)
+        if state == "elsewhere":
             return f"running elsewhere, {owner(folder)}", folder
-        path = folder / RECORD_NAME
-        if path.exists():
-            try:
-                record = read_record(path)
-            except (OSError, ValueError, TypeError):
-                return None, folder  # an unreadable record: the run goes again (and keeps the record aside)
-            if record.status == "ok":
-                drift = self._drift(overrides, record)
-                if not drift:
-                    return "done", folder
-                log.warning("Trained with other settings (%s), running again: %s", "; ".join(drift), folder)
-        return None, folder
+        return state, folder
 
     # --- learning-rate bracketing ------------------------------------------------------------------------------------
     def bracket_sweep(self, arguments: list[str]) -> Any:
@@ -190,13 +172,16 @@ class LorafactorySweeper(BasicSweeper):
     def _outcome(self, overrides: list[str]) -> float | None:
         """The run's score, higher is better (WORSE if it diverged or failed); None if it has no record."""
         from lorafactory.bracket import WORSE
+        from lorafactory.config import config_drift, resolved
         from lorafactory.results.record import read_record
 
+        job = self._job(overrides)
         try:
-            record = read_record(self._folder(overrides))
+            record = read_record(self._folder_of(job))
         except (OSError, ValueError, TypeError):
             return None
-        if record.status == "interrupted" or self._drift(overrides, record):
+        now = resolved(job)
+        if record.status == "interrupted" or (now is not None and config_drift(record.config, now)):
             return None  # not run yet with these settings
         metric = record.selection_metric if record.selection_metric is not None else record.final_metric
         if record.status != "ok" or metric is None:

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lorafactory.errors import Diverged, UserError
+from lorafactory.slots import available_cores
 from lorafactory.training.callbacks import Interrupted
 
 log = logging.getLogger(__name__)
@@ -408,6 +409,4 @@ def _rank_zero_result(
 def threads_per_rank(total: int | None, ranks_on_node: int) -> int:
     """Torch threads for each of a node's ranks: `total` (the run's `threads`, else the cores this process may use)
     shared out."""
-    from lorafactory.cli import available_cores  # here: the CLI module imports the training recipe
-
     return max(1, math.floor((total or available_cores()) / ranks_on_node))
