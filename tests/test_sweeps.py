@@ -125,6 +125,29 @@ def test_a_finished_run_trained_with_other_settings_runs_again(workdir):
     assert read_record(folder).config["variant"]["lr_mult"] == 1 and read_record(folder).status == "ok"
 
 
+def test_bracketing_reuses_a_grids_runs_and_retrains_a_stale_one(workdir):
+    """`sweep=lr_bracket` starts from what the run folders hold: a grid sweep's finished runs are its first round, a
+    run trained with other settings is trained again, and a best rate at an edge of what was tried is extended past
+    it until the budget is spent."""
+    assert run("-m", *TINY, "name=br", "optim.lr_scale=1,2", cwd=workdir).returncode == 0
+    root = workdir / "runs" / "br"
+    [stale] = [root / k for k, r in records(root).items() if r.config["optim"]["lr_scale"] == 2]
+    record = read_record(stale)  # as if trained when lora's default lr_mult was 0.5
+    record.config["variant"]["lr_mult"] = 0.5
+    write_record(stale, record)
+
+    rule = ["hydra.sweeper.lr.grid=[1,2]", "hydra.sweeper.lr.budget=3", "hydra.sweeper.lr.refine=0"]
+    bracket = run("-m", *TINY, "sweep=lr_bracket", "name=br", "variant=lora", "seed=0", *rule, cwd=workdir)
+    assert bracket.returncode == 0, bracket.stderr
+    out = bracket.stdout + bracket.stderr
+    # round 1 trains only the stale rate again (×1 is reused as it is), then the search extends past an edge: with two
+    # points tried, the best is at one
+    assert "round 1: 1 runs" in out and "optim.lr_scale=2 seed=0" in out and "variant.lr_mult: 0.5 → 1" in out
+    assert (stale / "result.stale-1.json").is_file() and read_record(stale).config["variant"]["lr_mult"] == 1
+    scales = sorted(r.config["optim"]["lr_scale"] for r in records(root).values())
+    assert len(scales) == 3 and {1, 2} < set(scales) and "of 3 tried" in out
+
+
 def test_config_drift_compares_what_a_run_computes():
     trained = {"optim": {"lr": 1e-3, "lr_scale": 1}, "variant": {"r": 8, "lr_mult": 0.5}, "paths": {"runs": "a"}}
     now = {"optim": {"lr": 0.001, "lr_scale": 1.0}, "variant": {"r": 8, "lr_mult": 0.5, "new_field": 3}}
