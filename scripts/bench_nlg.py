@@ -1,6 +1,6 @@
 """SmolLM2-135M as a causal LM: training-step time of LoRA and DoRA (all-linear) against the frozen model and against
-PEFT, greedy generation speed with the adapter merged and unmerged against the base model, and the peak memory of a
-LoRA run against the frozen model's.
+PEFT, greedy generation speed with the adapter merged and unmerged against the base model, and the peak memory of
+LoRA, DoRA and full fine-tuning runs against the frozen model's.
 
     python scripts/bench_nlg.py                                  # all three parts, batch 8 × 256, r 8
     python scripts/bench_nlg.py --parts generation               # one part
@@ -84,6 +84,7 @@ def configurations(loaded: LoadedModel, r: int, with_peft: bool) -> dict[str, Ca
         out[f"ours {variant}"] = lambda m, v=variant: ours(m, loaded, v, r)
         if with_peft:
             out[f"peft {variant}"] = lambda m, v=variant: peft(m, loaded, v, r)
+    out["full"] = lambda m: ours(m, loaded, "full", r)  # the ceiling's cost: every weight, its gradient, Adam moments
     return out
 
 
@@ -227,7 +228,7 @@ def memory_child(args: argparse.Namespace) -> None:
 
 
 def bench_memory(args: argparse.Namespace) -> dict[str, float]:
-    peaks = {name: peak_memory_mb(args, name) for name in ("frozen", "ours lora", "ours dora")}
+    peaks = {name: peak_memory_mb(args, name) for name in ("frozen", "ours lora", "ours dora", "full")}
     print(f"\n## Peak memory: {args.model}, batch {args.batch} × {args.seq}, {args.mem_steps} steps, one process each")
     print()
     print(f"| {'configuration':<12} | {'peak RSS MB':>11} | {'× frozen':>8} |")
