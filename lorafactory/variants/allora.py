@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from lorafactory.errors import check
 from lorafactory.variants.base import VARIANTS, Variant, VariantConfig
 from lorafactory.variants.lora import LoRALinear
-from lorafactory.variants.lora_fa import adamw_settings, pair_groups
+from lorafactory.variants.lora_fa import PairAdamW, adamw_settings, pair_groups
 
 
 def row_rate(param: Tensor, eta: float) -> Tensor:
@@ -43,25 +43,19 @@ def row_rate(param: Tensor, eta: float) -> Tensor:
     return param.detach().float().square().sum(dim=1, keepdim=True).add_(1 / eta**2).rsqrt_()
 
 
-class ALLoRAAdamW(torch.optim.AdamW):
+class ALLoRAAdamW(PairAdamW):
     """AdamW whose step, for the adapter groups `{"params": [A, B], ...}`, moves each row by c_i times AdamW's step."""
 
     def __init__(self, params: list[dict[str, Any]], eta: float = 2.0, **adamw: Any):
         super().__init__(params, **adamw)
         self.eta = eta
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:  # Lightning computes the gradients in the closure
-            with torch.enable_grad():
-                loss = closure()
+    def adapter_step(self) -> None:
         factors = [p for g in self.param_groups if "lora_scaling" in g for p in g["params"] if p.grad is not None]
         before = [(p.detach().clone(), row_rate(p, self.eta)) for p in factors]
-        super().step()
+        torch.optim.AdamW.step(self)  # every group, then the factors' rows scaled back by c_i
         for p, (old, rate) in zip(factors, before, strict=True):
             p.copy_(torch.addcmul(old, p - old, rate.to(p.dtype)))
-        return loss
 
 
 @dataclass

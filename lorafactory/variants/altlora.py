@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from lorafactory.errors import check
 from lorafactory.variants.base import VARIANTS, VariantConfig
 from lorafactory.variants.lora import LoRA
-from lorafactory.variants.lora_fa import adamw_settings, pair_groups
+from lorafactory.variants.lora_fa import PairAdamW, adamw_settings, pair_groups
 
 
 def ridge_inverse(gram: Tensor, ridge: float) -> Tensor:
@@ -55,7 +55,7 @@ def ridge_inverse(gram: Tensor, ridge: float) -> Tensor:
     return torch.linalg.inv(gram.double() + ridge * eye)
 
 
-class AltLoRAOptimizer(torch.optim.AdamW):
+class AltLoRAOptimizer(PairAdamW):
     """AltLoRA for the groups `{"params": [A, B], "lora_scaling": s}` (rank-space momenta stored with each factor),
     torch's AdamW for every other group; all read `group["lr"]` at each step."""
 
@@ -63,22 +63,6 @@ class AltLoRAOptimizer(torch.optim.AdamW):
         super().__init__(params, **adamw)
         self.ridge = ridge
         self.switch_every = switch_every
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:  # Lightning computes the gradients in the closure
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            if "lora_scaling" in group:
-                self.pair_step(group)
-        groups, self.param_groups = self.param_groups, [g for g in self.param_groups if "lora_scaling" not in g]
-        try:
-            super().step()
-        finally:
-            self.param_groups = groups
-        return loss
 
     def moving_factor(self, B: Tensor) -> str:
         """ "B" or "A": which factor the pair's next step updates, from its step count (B first)."""

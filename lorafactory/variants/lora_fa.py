@@ -74,7 +74,36 @@ class LoRAFALinear(LoRALinear):
         return self.add_lora(self.base_forward(x), x)
 
 
-class LoRAFAAdamW(torch.optim.AdamW):
+class PairAdamW(torch.optim.AdamW):
+    """AdamW over the groups of `pair_groups`: each adapted layer's `{"params": [A, B], "lora_scaling": s}` takes the
+    method's own step (`pair_step`), every other group AdamW's. The optimizer-level methods (LoRA-FA, LoRA-Pro,
+    AltLoRA, ALLoRA) differ only in `pair_step` and in what runs around it (`adapter_step`)."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:  # Lightning computes the gradients in the closure
+            with torch.enable_grad():
+                loss = closure()
+        self.adapter_step()
+        return loss
+
+    def adapter_step(self) -> None:
+        """The pairs' own steps, then AdamW on the other groups (the pairs hidden from it)."""
+        for group in self.param_groups:
+            if "lora_scaling" in group:
+                self.pair_step(group)
+        groups, self.param_groups = self.param_groups, [g for g in self.param_groups if "lora_scaling" not in g]
+        try:
+            super().step()
+        finally:
+            self.param_groups = groups
+
+    def pair_step(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class LoRAFAAdamW(PairAdamW):
     """AdamW whose step first replaces B's gradient by its projection (1/s²) ∇_B (AAᵀ + δI)⁻¹.
 
     Each adapted layer is one parameter group `{"params": [A, B], "lora_scaling": s}` (A frozen, so AdamW skips it):
@@ -84,20 +113,14 @@ class LoRAFAAdamW(torch.optim.AdamW):
         super().__init__(params, **adamw)
         self.delta = delta
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:  # Lightning computes the gradients in the closure
-            with torch.enable_grad():
-                loss = closure()
+    def adapter_step(self) -> None:
         for group in self.param_groups:
             if "lora_scaling" not in group:
                 continue
             A, B = group["params"]
             if B.grad is not None:
                 B.grad.copy_(project_b_grad(B.grad, A, group["lora_scaling"], self.delta))
-        super().step()
-        return loss
+        torch.optim.AdamW.step(self)  # the projected gradient then takes AdamW's own step, A frozen
 
 
 def project_b_grad(grad_B: Tensor, A: Tensor, scaling: float, delta: float) -> Tensor:

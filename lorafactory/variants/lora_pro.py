@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from lorafactory.errors import check
 from lorafactory.variants.base import VARIANTS, VariantConfig
 from lorafactory.variants.lora import LoRA
-from lorafactory.variants.lora_fa import adamw_settings, pair_groups
+from lorafactory.variants.lora_fa import PairAdamW, adamw_settings, pair_groups
 
 
 class SymmetricFactor:
@@ -95,29 +95,13 @@ class LoRAProAdjustment:
         return torch.mm(torch.cat([self.B, g_B], dim=1), torch.cat([g_A, self.A], dim=0)).mul_(self.s)
 
 
-class LoRAProAdamW(torch.optim.AdamW):
+class LoRAProAdamW(PairAdamW):
     """LoRA-Pro for the groups `{"params": [A, B], "lora_scaling": s}` (full-size Adam moments of the equivalent
     gradient, stored with B), torch's AdamW for every other group; all read `group["lr"]` at each step."""
 
     def __init__(self, params: list[dict[str, Any]], delta: float = 1e-8, **adamw: Any):
         super().__init__(params, **adamw)
         self.delta = delta
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:  # Lightning computes the gradients in the closure
-            with torch.enable_grad():
-                loss = closure()
-        pairs = [g for g in self.param_groups if "lora_scaling" in g]
-        for group in pairs:
-            self.pair_step(group)
-        groups, self.param_groups = self.param_groups, [g for g in self.param_groups if "lora_scaling" not in g]
-        try:
-            super().step()
-        finally:
-            self.param_groups = groups
-        return loss
 
     def pair_step(self, group: dict[str, Any]) -> None:
         A, B = group["params"]
