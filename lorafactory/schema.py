@@ -140,7 +140,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "model.quantize": quantize_option,
     "task.lr": number(0, above=True),
     "task.epochs": integer(1),
-    "task.max_steps": integer(1, optional=True),
+    "task.max_steps": integer(0, optional=True),  # 0: evaluate the starting point (icm_lora's generated adapter)
     "task.batch_size": integer(1),
     "task.eval_batch_size": integer(1),
     "task.max_length": integer(8),

@@ -255,7 +255,7 @@ def _train(
         use_distributed_sampler=False,  # the loaders shard themselves, so that the ranks batch as one process would
         precision=cfg.trainer.precision,
         max_epochs=cfg.task.epochs,
-        max_steps=cfg.task.max_steps or -1,
+        max_steps=-1 if cfg.task.max_steps is None else cfg.task.max_steps,  # 0 trains nothing, evaluates
         **_validation_schedule(cfg, len(train_loader)),
         gradient_clip_val=cfg.trainer.gradient_clip_val,
         log_every_n_steps=cfg.trainer.log_every_n_steps,

@@ -26,12 +26,14 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
 from lorafactory.config import CONF_DIR, group_options
+from lorafactory.errors import ConfigError
 from lorafactory.models import LoadedModel, build_model, unfreeze
 from lorafactory.training.optim import build_optimizer, carry_over_state
 from lorafactory.variants import VARIANTS, build_variant
@@ -57,8 +59,18 @@ def frozen(model: nn.Module, head: tuple[str, ...], modality: str) -> nn.Module:
     return model
 
 
+VARIANT_SET: dict[str, Any] = {}
+"""`--variant-set` options, given to every variant that has the field (icm_lora's `generator`)."""
+
+
+def variant_config(variant: str, targets: str, r: int) -> dict[str, Any]:
+    fields = VARIANTS.config_cls(variant).__dataclass_fields__
+    extra = {k: v for k, v in VARIANT_SET.items() if k in fields}
+    return {"name": variant, "r": r, "alpha": 2 * r, "targets": targets, **extra}
+
+
 def ours(model: nn.Module, head: tuple[str, ...], variant: str, targets: str, r: int) -> nn.Module:
-    build_variant({"name": variant, "r": r, "alpha": 2 * r, "targets": targets}).adapt(model, head=head)
+    build_variant(variant_config(variant, targets, r)).adapt(model, head=head)
     unfreeze(model, head)
     return model
 
@@ -68,7 +80,7 @@ def our_step(
 ) -> Callable[[], None]:
     """Our training step as the recipe runs it: the variant's optimizer and parameter groups, its data-driven
     initialisation, auxiliary loss and every per-step hook (gradient edits, rank reallocations...)."""
-    v = build_variant({"name": variant, "r": r, "alpha": 2 * r, "targets": targets})
+    v = build_variant(variant_config(variant, targets, r))
     v.adapt(model, head=head)
     unfreeze(model, head)
     model.train()
@@ -206,6 +218,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a model config field")
+    parser.add_argument(
+        "--variant-set", action="append", default=[], metavar="KEY=VALUE", help="a variant option (generator=gen.pt)"
+    )
     parser.add_argument("--quantize", default=None, help="also time ours on a base stored in this format (nf4)")
     precisions = ("32-true", "bf16-mixed")
     parser.add_argument("--precision", choices=precisions, default="32-true", help="bf16-mixed: forward in autocast")
@@ -215,6 +230,7 @@ def main() -> None:
         FORWARD = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     if args.threads:
         torch.set_num_threads(args.threads)
+    VARIANT_SET.update(OmegaConf.to_container(OmegaConf.from_dotlist(args.variant_set)))
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     torch.manual_seed(0)
 
@@ -236,7 +252,11 @@ def main() -> None:
     for target in targets.split(","):
         for variant in VARIANTS.names() if args.variants == "all" else args.variants.split(","):
             key = f"{variant}/{target}"
-            steps[f"ours {key}"] = our_step(copy.deepcopy(base), head, variant, target, args.r, batch)
+            try:
+                steps[f"ours {key}"] = our_step(copy.deepcopy(base), head, variant, target, args.r, batch)
+            except ConfigError as err:  # an option it needs and was not given (icm_lora's generator)
+                failures.append(f"ours {key}: {err} (--variant-set)")
+                continue
             if not args.no_peft and has_peft_twin(variant):
                 try:
                     steps[f"peft {key}"] = make_step(peft(copy.deepcopy(base), head, variant, target, args.r), batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import shutil
 import tempfile
@@ -75,6 +76,43 @@ def batch_for(loaded: LoadedModel, batch_size: int = 3, seq: int = 10, seed: int
     mask[0, seq - 3 :] = 0  # one padded example, so masking is exercised
     ids[0, seq - 3 :] = loaded.tokenizer.pad_token_id
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@functools.cache
+def icm_generator(model: str, targets: str, r: int) -> str:
+    """A small ICM-LoRA generator file for a tiny model's LoRA (`targets`, `r`, the tiny default 3-label head), fit
+    in a few epochs on noisy copies of a LoRA state for two toy tasks (`batch_for` seeds 0 and 1): what icm_lora's
+    `variant.generator` needs where a test only exercises the variant's plumbing. Built once per session."""
+    from lorafactory import icm
+    from lorafactory.models import unfreeze
+    from lorafactory.variants import adapter_state_dict, build_variant
+
+    with torch.random.fork_rng():  # the caller's random state stays as it was
+        torch.manual_seed(0)
+        loaded = tiny(model)
+        build_variant({"name": "lora", "targets": targets, "r": r}).adapt(loaded.module, head=loaded.head)
+        unfreeze(loaded.module, loaded.head)
+        template = adapter_state_dict(loaded.module)
+        states, tasks, vectors = [], [], {}
+        for task in ("toy0", "toy1"):
+            vectors[task] = icm.task_vector(loaded.module, [batch_for(loaded, 4, seed=len(vectors))], 4)
+            for _ in range(2):
+                states.append({k: v + 0.02 * torch.randn(v.shape) for k, v in template.items()})
+                tasks.append(task)
+        generator = icm.fit(states, tasks, vectors, model=model, r=r, scaling=16.0 / r, examples=4, epochs=5)
+    return str(generator.save(Path(ICM_GENERATORS) / f"{model}-{targets}-r{r}.pt"))
+
+
+ICM_GENERATORS = tempfile.mkdtemp(prefix="icm-generators-")
+atexit.register(shutil.rmtree, ICM_GENERATORS, ignore_errors=True)
+
+CONTRACT_CONFIG = {"icm_lora": lambda model, targets, r: {"generator": icm_generator(model, targets, r)}}
+"""What a variant needs beyond name, targets and r for its hooks to run, per (model, targets, r), in tests that build
+every registered variant: icm_lora's generator file."""
+
+
+def contract_config(variant: str, model: str, targets: str, r: int) -> dict:
+    return CONTRACT_CONFIG[variant](model, targets, r) if variant in CONTRACT_CONFIG else {}
 
 
 @pytest.fixture(params=TINY_MODELS)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODELS, batch_for, targets_for, tiny
+from conftest import TINY_MODELS, batch_for, contract_config, targets_for, tiny
 from omegaconf import OmegaConf
 
 import lorafactory.variants.lora as lora_module
@@ -48,11 +48,12 @@ PAIRS = [(v, m) for v in VARIANTS.names() for m in TINY_MODELS]
 
 
 def adapted(variant: str, model: str, targets: str | None = None, seed: int = 0, **cfg):
+    targets = targets or model_targets(variant, model)[-1]
+    extra = contract_config(variant, model, targets, 4)  # icm_lora's generator
     loaded = tiny(model)
     base = copy.deepcopy(loaded.module).eval()
     torch.manual_seed(seed)
-    targets = targets or model_targets(variant, model)[-1]
-    v = build_variant({"name": variant, "targets": targets, "r": 4, **cfg})
+    v = build_variant({"name": variant, "targets": targets, "r": 4, **extra, **cfg})
     v.adapt(loaded.module, head=loaded.head)
     return v, loaded, base
 

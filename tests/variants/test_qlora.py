@@ -9,7 +9,7 @@ import logging
 
 import pytest
 import torch
-from conftest import batch_for, tiny, tiny_cfg
+from conftest import batch_for, contract_config, tiny, tiny_cfg
 from omegaconf import OmegaConf
 
 from lorafactory import quantize
@@ -242,7 +242,9 @@ def test_every_variant_runs_on_a_quantized_base_or_refuses_in_one_line(variant):
     cfg = tiny_cfg("tiny-bert")
     cfg.quantize = {"layers": "all-linear"}
     loaded = build_model(cfg, 3)
-    v = build_variant({"name": variant, "r": 4, "targets": "all-linear"})
+    v = build_variant(
+        {"name": variant, "r": 4, "targets": "all-linear", **contract_config(variant, "tiny-bert", "all-linear", 4)}
+    )
     if v.quantized_base:
         with pytest.raises(ConfigError, match=f"^variant={variant} cannot run on a base stored quantized") as err:
             v.adapt(loaded.module, head=loaded.head)
