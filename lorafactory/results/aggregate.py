@@ -171,12 +171,21 @@ class Leaderboard:
     def sensitivity(self) -> pd.DataFrame:
         """Per (model, task): how far apart the variants are at their best learning rates (`variant_spread`), and how
         far the learning rate moves each variant (`lr_range`: max − min of its per-lr means; median and largest over
-        variants). The LoRAFactory study's central finding is that the second usually exceeds the first."""
+        variants). The LoRAFactory study's central finding is that the second usually exceeds the first. Both are
+        about the adapters: the reference rows (full fine-tuning, the head alone) are left out where two adapters
+        remain (`baselines_aside`), or the head alone would set the spread."""
         lr_range = self.per_lr.groupby([*_CELL_KEYS])["mean"].agg(lambda m: m.max() - m.min()).rename("lr_range")
         lr_range = lr_range.reset_index()
+        reference = self.variants.loc[self.variants["taxonomy"] == "baseline", ["model", "variant"]]
+        reference = set(reference.itertuples(index=False, name=None))
         rows = []
         for (model, task), cells in self.cells.groupby(["model", "task"], sort=True):
             ranges = lr_range[(lr_range["model"] == model) & (lr_range["task"] == task)]
+            adapter = [(model, v) not in reference for v in cells["variant"]]
+            aside = sum(adapter) >= 2 and not all(adapter)
+            if aside:
+                cells = cells[adapter]
+                ranges = ranges[[(model, v) not in reference for v in ranges["variant"]]]
             widest = ranges.loc[ranges["lr_range"].idxmax()]
             rows.append(
                 {
@@ -186,6 +195,7 @@ class Leaderboard:
                     "lr_range_median": ranges["lr_range"].median(),
                     "lr_range_max": widest["lr_range"],
                     "lr_range_max_variant": widest["variant"],
+                    "baselines_aside": aside,
                 }
             )
         return pd.DataFrame(rows)

@@ -115,7 +115,9 @@ def sensitivity_lines(board: Leaderboard) -> list[str]:
     lines = []
     for row in board.sensitivity().itertuples():
         line = (
-            f"{row.task} ({row.model}): at their best learning rates the variants span "
+            f"{row.task} ({row.model}): at their best learning rates the "
+            + ("adapters (the baselines aside)" if row.baselines_aside else "variants")
+            + " span "
             f"{format_number(row.variant_spread)}; the learning rate moves a variant by "
             f"{format_number(row.lr_range_median)} (median) and up to {format_number(row.lr_range_max)} "
             f"({row.lr_range_max_variant})."
