@@ -557,7 +557,6 @@ def test_sensitivity_compares_the_variant_spread_with_the_learning_rate_range(tm
     assert "span 0.040" in markdown(aggregate(load_runs(tmp_path)))
 
 
-
 def test_the_variant_spread_is_the_adapters_with_the_baselines_aside(tmp_path: Path) -> None:
     """The head alone (0.55) and full fine-tuning (0.95) would set the spread: it is about the adapters."""
     by_lr = {"lora": (0.60, 0.90), "dora": (0.80, 0.88), "head_only": (0.50, 0.55), "full": (0.95, 0.40)}
@@ -569,6 +568,7 @@ def test_the_variant_spread_is_the_adapters_with_the_baselines_aside(tmp_path: P
     assert row["baselines_aside"] and row["variant_spread"] == pytest.approx(0.90 - 0.88)
     assert row["lr_range_max"] == pytest.approx(0.30) and row["lr_range_max_variant"] == "lora"  # not full's 0.55
     assert "the adapters (the baselines aside) span 0.020" in markdown(board)
+
 
 # --- honest selection: chosen on one split, reported on another ------------------------------------------------------
 
