@@ -114,6 +114,13 @@ def resolved(cfg: Any) -> dict[str, Any] | None:
         return None
 
 
+def settings_drift(trained: Any, cfg: Any) -> list[str]:
+    """`config_drift` between a record's settings and those `cfg` resolves to now; none when `cfg` does not resolve
+    (the run then fails on it, and says why)."""
+    now = resolved(cfg)
+    return [] if now is None else config_drift(trained, now)
+
+
 def run_state(folder: Path, cfg: Any) -> tuple[str | None, Any]:
     """What a launch finds in a run folder before it trains: ("elsewhere", None) when a live process owns it,
     ("done", the record) when it holds the `ok` record of the settings `cfg` resolves to, else (None, None): the run
@@ -129,8 +136,7 @@ def run_state(folder: Path, cfg: Any) -> tuple[str | None, Any]:
         return None, None
     if record.status != "ok":
         return None, None
-    now = resolved(cfg)
-    drift = config_drift(record.config, now) if now is not None else []
+    drift = settings_drift(record.config, cfg)
     if drift:
         log.warning("Trained with other settings (%s), running again: %s", "; ".join(drift), folder)
         return None, None

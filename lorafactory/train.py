@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from lorafactory.config import check_launch, config_drift, resolved
+from lorafactory.config import check_launch, settings_drift
 from lorafactory.errors import ConfigError, Diverged, UserError
 from lorafactory.models import MODELS, build_model, check_head_kind, model_modality, unfreeze
 from lorafactory.quantize import parameter_count
@@ -460,8 +460,7 @@ def _previous_record(run_dir: Path, cfg: DictConfig) -> RunRecord | None:
         log.warning("Unreadable record %s (%s); running again", path, err)
         record = None
     n = len(list(run_dir.glob("result.*-*.json"))) + 1
-    now = resolved(cfg)
-    drift = config_drift(record.config, now) if record is not None and now is not None else []
+    drift = settings_drift(record.config, cfg) if record is not None else []
     if drift:
         log.warning("%s was trained with other settings (%s): running it again", run_dir, "; ".join(drift))
         if (run_dir / CHECKPOINT).is_file():

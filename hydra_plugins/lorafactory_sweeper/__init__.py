@@ -172,7 +172,7 @@ class LorafactorySweeper(BasicSweeper):
     def _outcome(self, overrides: list[str]) -> float | None:
         """The run's score, higher is better (WORSE if it diverged or failed); None if it has no record."""
         from lorafactory.bracket import WORSE
-        from lorafactory.config import config_drift, resolved
+        from lorafactory.config import settings_drift
         from lorafactory.results.record import read_record
 
         job = self._job(overrides)
@@ -180,8 +180,7 @@ class LorafactorySweeper(BasicSweeper):
             record = read_record(self._folder_of(job))
         except (OSError, ValueError, TypeError):
             return None
-        now = resolved(job)
-        if record.status == "interrupted" or (now is not None and config_drift(record.config, now)):
+        if record.status == "interrupted" or settings_drift(record.config, job):
             return None  # not run yet with these settings
         metric = record.selection_metric if record.selection_metric is not None else record.final_metric
         if record.status != "ok" or metric is None:
