@@ -76,10 +76,17 @@ def test_runs_of_one_variant_in_other_settings_are_other_rows_never_pooled_as_se
     write_run(tmp_path, "lora", "glue/sst2", "1e-3", 0, 0.90, settings=("variant.r=16",))
     write_run(tmp_path, "lora", "glue/sst2", "1e-3", 0, 0.70, settings=("variant.r=4", "+variant.alpha=8"))
     write_run(tmp_path, "dora", "glue/sst2", "1e-3", 0, 0.85)
+    write_run(tmp_path, "icm_lora", "glue/sst2", "1e-3", 0, 0.75, settings=("variant.generator=/abs/gens/icm.pt",))
 
     board = aggregate(load_runs(tmp_path))
 
-    assert sorted(board.cells["variant"]) == ["dora", "lora", "lora[alpha=8,r=4]", "lora[r=16]"]
+    assert sorted(board.cells["variant"]) == [
+        "dora",
+        "icm_lora[generator=icm.pt]",
+        "lora",
+        "lora[alpha=8,r=4]",
+        "lora[r=16]",
+    ]
     assert (cell(board, "glue/sst2", "lora")["mean"], cell(board, "glue/sst2", "lora")["n"]) == (0.81, 2)
     assert cell(board, "glue/sst2", "lora[r=16]")["mean"] == 0.90
     baselines = board.variants[board.variants["baseline"].astype(bool)]["variant"].tolist()

@@ -108,11 +108,15 @@ def variant_label(variant: str, overrides: list[str] | None) -> str:
     """The variant as a leaderboard names it: its registry name, followed by the settings of its own the run was
     launched with (`lora[r=16]` for `variant.r=16`), so that runs of one variant in different configurations (a rank
     sweep, an Optuna search over the rank) are never pooled as if they were seeds of one. `variant.lr_mult` only
-    moves the learning rate, which the leaderboard already tells apart."""
+    moves the learning rate, which the leaderboard already tells apart. A file given as a setting (icm_lora's
+    `generator`) is named by its file name: the folder it was read from is where the run happened to look, and an
+    absolute path would fill the table's first column."""
     settings = []
     for override in overrides or []:
         key, _, value = override.lstrip("+~").partition("=")
         if key.startswith("variant.") and key != "variant.lr_mult":
+            if "/" in value and not value.endswith("/"):
+                value = value.rsplit("/", 1)[1]
             settings.append(f"{key.removeprefix('variant.')}={value}")
     return f"{variant}[{','.join(sorted(settings))}]" if settings else variant
 
