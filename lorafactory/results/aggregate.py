@@ -115,8 +115,8 @@ def variant_label(variant: str, overrides: list[str] | None) -> str:
     for override in overrides or []:
         key, _, value = override.lstrip("+~").partition("=")
         if key.startswith("variant.") and key != "variant.lr_mult":
-            if "/" in value and not value.endswith("/"):
-                value = value.rsplit("/", 1)[1]
+            if "/" in value:
+                value = Path(value).name
             settings.append(f"{key.removeprefix('variant.')}={value}")
     return f"{variant}[{','.join(sorted(settings))}]" if settings else variant
 
