@@ -319,7 +319,7 @@ def _train(
         history=history,
         chance_metric=chance.get(key),
         **_selection_fields(selection, history, test, key, data),
-        eval_examples=(task.example_outputs(module.last_outputs) or {}) if test is None else {},
+        eval_examples=(task.example_outputs(module.last_outputs) or {}) if test is None else test.examples,
         **_evaluation_fields(untuned, test, key),
         trainable_params=count_trainable(model.parameters()),
         adapter_params=count_trainable(variant.trained_parameters(model)),

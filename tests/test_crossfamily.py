@@ -17,6 +17,8 @@ from lorafactory.results.aggregate import aggregate, load_runs
 from lorafactory.results.crossfamily import axis_group, build_study
 from lorafactory.results.render import crossfamily_latex, crossfamily_markdown, markdown
 from lorafactory.results.sensitivity import interpolate, lr_windows, one_point, window
+from lorafactory.tasks import TASKS
+from lorafactory.tasks.data import Rows
 
 # --- learning-rate windows ------------------------------------------------------------------------------------------
 
@@ -265,6 +267,30 @@ def test_examples_that_do_not_reproduce_the_recorded_score_are_not_used(tmp_path
         "tiny-bert glue/sst2: the per-example outputs of 2 run(s) were not used: the accuracy recomputed from them is "
         "not the recorded one (first: 1 recomputed, 0.5 recorded, in "
     )
+
+
+def test_bleu_is_bootstrapped_over_meaning_representations_from_their_statistics(tmp_path: Path) -> None:
+    """E2E records carry each test example's BLEU statistics: the cell's interval and the paired comparison resample
+    examples (corpus BLEU of the summed statistics), not just the two seeds."""
+    task = TASKS.get("nlg/e2e")
+    rng = np.random.default_rng(5)
+    words = "the eagle is a french restaurant near the river with low prices and a family friendly area".split()
+    references = [[" ".join(rng.choice(words, size=8)) for _ in range(2)] for _ in range(60)]
+    rows = Rows({"references": references})
+    for variant, keep in (("lora", 0.5), ("dora", 0.8)):  # dora's outputs copy more of the references' words
+        for seed in (0, 1):
+            outputs = [" ".join(w if rng.random() < keep else "food" for w in refs[0].split()) for refs in references]
+            score = task.score(outputs, rows)[0]["bleu"]
+            examples = task.example_scores(outputs, rows)
+            write_run(tmp_path, variant, "nlg/e2e", "1e-3", seed, score, primary_metric="bleu", eval_examples=examples)
+    runs = load_runs(tmp_path)
+    found = build_study(aggregate(runs), runs, bootstrap=500)
+
+    assert not found.notes  # every record's statistics reproduce its BLEU
+    dora = found.cell("tiny-bert", "nlg/e2e", "dora")
+    assert (dora["method"], dora["seeds"], dora["examples"]) == ("bootstrap (examples × seeds)", 2, 60)
+    assert dora["low"] < dora["mean"] < dora["high"]
+    assert dora["vs_lora"] == "better" and dora["lora_low"] > 0
 
 
 # --- the report -----------------------------------------------------------------------------------------------------

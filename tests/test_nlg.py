@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from lorafactory.config import CONF_DIR, check_overrides
 from lorafactory.errors import ConfigError, UserError
 from lorafactory.models import build_model, unfreeze
+from lorafactory.results.significance import EXAMPLE_METRICS, example_metric
 from lorafactory.tasks import TASKS, Evaluation
 from lorafactory.tasks.causal import CausalCollator
 from lorafactory.tasks.generation import greedy_generate, option_logliks, token_nll
@@ -437,6 +438,14 @@ def test_each_nlg_family_trains_evaluates_and_records(workdir, task):
     assert math.isfinite(record["forgetting"]) and set(record["heldout_ce"]) == {"before", "after"}
     assert record["eval_cost"]["eval_s"] > 0 and record["eval_cost"]["merged"] == 1.0
     assert record["eval_samples"] == {"nlg/e2e": 32, "math/gsm8k": 64, "commonsense/boolq": 64}.get(task, 100)
+    # Per test example, what a report bootstraps over: the primary metric recomputed from them is the recorded one.
+    examples = record["eval_examples"]
+    if primary in EXAMPLE_METRICS:
+        assert len(examples["outputs"]) == len(examples["labels"]) == 4
+        recomputed = example_metric(primary, examples["outputs"], examples["labels"])
+        assert recomputed == pytest.approx(record["final_metric"], abs=1e-9)
+    else:
+        assert task == "instruct/alpaca" and examples == {}  # a held-out loss is not made of per-example answers
     if task in ("nlg/e2e", "math/gsm8k"):
         assert record["eval_cost"]["tokens_per_s"] > 0 and record["eval_details"]["samples"]
         assert primary in record["history"][-1]  # the small validation subset was generated too

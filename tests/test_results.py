@@ -49,7 +49,7 @@ def write_run(
             seed=seed,
             lr=float(lr),
             name=name,
-            primary_metric="accuracy" if direction == "max" else "loss",
+            primary_metric=str(fields.pop("primary_metric", "accuracy" if direction == "max" else "loss")),
             direction=direction,
             final_metric=final,
             best_metric=final if best is None else best,

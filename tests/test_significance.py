@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lorafactory.results import significance as sig
-from lorafactory.tasks import glue
+from lorafactory.tasks import TASKS, glue
+from lorafactory.tasks.data import Rows
 
 stats = pytest.importorskip("scipy.stats")
 
@@ -40,7 +41,11 @@ def example_data(metric: str, rng: np.random.Generator, n: int = 60) -> tuple[np
     return np.where(rng.random(n) < 0.7, labels, rng.integers(0, classes, n)), labels
 
 
-@pytest.mark.parametrize("metric", sorted(sig.EXAMPLE_METRICS))
+TEXT_METRICS = {"bleu": "nlg/e2e", "exact_match": "math/gsm8k"}
+"""Metrics of generated text, checked against their task's own scoring (below), by the task that scores them."""
+
+
+@pytest.mark.parametrize("metric", sorted(set(sig.EXAMPLE_METRICS) - set(TEXT_METRICS)))
 def test_each_resample_scores_as_the_project_metric_does(metric: str) -> None:
     rng = np.random.default_rng(1)
     outputs, labels = example_data(metric, rng)
@@ -50,6 +55,69 @@ def test_each_resample_scores_as_the_project_metric_does(metric: str) -> None:
 
     expected = [project_metric(metric, outputs[row], labels[row]) for row in index]
     np.testing.assert_allclose(resampled, expected, rtol=1e-10, atol=1e-12)
+
+
+WORDS = "the a cat dog sat ran on mat eagle serves french food in riverside 1 2 3 18 42".split()
+
+
+def generated_text(task: str, rng: np.random.Generator, n: int = 40) -> tuple[list[str], list[list[str]]]:
+    """Predictions and references of `task`'s kind: 1-3 references of 2-9 words sharing words with the prediction
+    (E2E), or worked answers ending in a number, right about half of the time (GSM8K)."""
+    if task == "math/gsm8k":
+        answers = [str(int(x)) for x in rng.integers(0, 30, n)]
+        guesses = [a if rng.random() < 0.5 else str(int(rng.integers(0, 30))) for a in answers]
+        return [f"so the total is {g}.\n#### {g}" for g in guesses], [[a] for a in answers]
+    predictions, references = [], []
+    for _ in range(n):
+        sentence = list(rng.choice(WORDS, size=int(rng.integers(2, 10))))
+        predictions.append(" ".join(sentence))
+        refs = []
+        for _ in range(int(rng.integers(1, 4))):
+            kept = [w if rng.random() < 0.7 else str(rng.choice(WORDS)) for w in sentence]
+            refs.append(" ".join(kept[: int(rng.integers(2, len(kept) + 2))]))
+        references.append(refs)
+    return predictions, references
+
+
+@pytest.mark.parametrize("metric", sorted(TEXT_METRICS))
+def test_resampled_text_metrics_equal_the_tasks_own_score_of_the_resampled_examples(metric: str) -> None:
+    """A resample's BLEU from the summed per-example statistics is sacrebleu's corpus BLEU of those examples (repeats
+    included); a resample's exact match is the extraction-based exact match of those answers."""
+    task = TASKS.get(TEXT_METRICS[metric])
+    rng = np.random.default_rng(3)
+    predictions, references = generated_text(task.name, rng)
+    examples = task.example_scores(predictions, Rows({"references": references}))
+    outputs, labels = np.asarray(examples["outputs"], dtype=np.float64), np.asarray(examples["labels"], np.float64)
+    index = np.vstack([np.arange(len(labels)), rng.integers(0, len(labels), size=(20, len(labels)))])
+
+    resampled = sig.EXAMPLE_METRICS[metric](outputs, labels, index)
+
+    expected = [
+        task.score([predictions[i] for i in row], Rows({"references": [references[i] for i in row]}))[0][metric]
+        for row in index
+    ]
+    np.testing.assert_allclose(resampled, expected, rtol=1e-9, atol=1e-9)
+    assert 0 < resampled.min() < resampled.max()  # the data are neither hopeless nor perfect: the test can fail
+
+
+def test_bleu_from_statistics_is_sacrebleus_compute_bleu_on_edge_cases() -> None:
+    from sacrebleu.metrics import BLEU
+
+    rng = np.random.default_rng(4)
+    total = rng.integers(0, 6, size=(400, 4))
+    total = np.sort(total, axis=1)[:, ::-1]  # fewer n-grams at higher orders, some orders absent
+    correct = np.minimum(rng.integers(0, 4, size=(400, 4)), total) * (rng.random((400, 4)) < 0.8)
+    lengths = np.column_stack([total[:, 0], rng.integers(0, 8, 400)])  # shorter and longer than the references
+    stats = np.column_stack([lengths, correct, total])
+
+    expected = [
+        BLEU.compute_bleu(
+            list(map(int, r[2:6])), list(map(int, r[6:])), int(r[0]), int(r[1]), smooth_method="exp"
+        ).score
+        for r in stats
+    ]
+    np.testing.assert_allclose(sig.bleu_from_statistics(stats), expected, rtol=1e-12, atol=1e-12)
+    assert (np.asarray(expected) == 0).any() and (np.asarray(expected) > 0).any()
 
 
 def test_correlations_agree_with_scipy() -> None:

@@ -203,7 +203,8 @@ def _examples(
         np.asarray(examples["outputs"], dtype=np.float64),
         np.asarray(examples["labels"], dtype=np.float64),
     )
-    if outputs.shape != truth.shape or outputs.ndim != 1:
+    # One output per label, or one row of statistics per label (BLEU's)
+    if truth.ndim != 1 or outputs.shape[:1] != truth.shape or outputs.ndim > 2:
         return None, "outputs and labels differ in length", ""
     if labels is not None and (labels.shape != truth.shape or not np.array_equal(labels, truth)):
         return None, "their labels differ from the other runs' (another evaluation set)", ""

@@ -56,8 +56,10 @@ class RunRecord:
     no run trains on) or `validation` (tasks reported on a test set of their own: the last validation)."""
     selection_samples: int | None = None
     eval_examples: dict[str, list] = field(default_factory=dict)
-    """Per example of the split `final` is measured on, `outputs` (predicted class, or value for regression) and
-    `labels`, for classification tasks: a report bootstraps the metric over them."""
+    """Per example of the split `final` is measured on, `outputs` and `labels` from which the primary metric can be
+    recomputed on any subset: predicted class or regressed value (classification, regression, option scoring), 1/0
+    correct (exact match), BLEU's sufficient statistics (a row per example); a report bootstraps the metric over
+    them. Empty when the metric is not made that way (held-out loss)."""
     best_step: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     """Every evaluation: {"step": ..., <metric>: ...}."""

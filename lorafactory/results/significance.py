@@ -116,6 +116,35 @@ def _spearman(outputs: np.ndarray, labels: np.ndarray, index: np.ndarray) -> np.
     return _correlation(average_ranks(x), average_ranks(y))
 
 
+def _mean_output(outputs: np.ndarray, labels: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Metrics that are the mean of a per-example score held in `outputs` (exact match: 1 correct, 0 not)."""
+    return outputs.astype(np.float64)[index].mean(axis=1)
+
+
+def bleu_from_statistics(stats: np.ndarray) -> np.ndarray:
+    """Corpus BLEU (0–100) from summed sufficient statistics (..., 10) in sacrebleu's order (hypothesis length,
+    reference length, matches for n = 1..4, totals for n = 1..4): sacrebleu's `compute_bleu` with its corpus defaults
+    (exponential smoothing of zero matches, all four orders), vectorised over the leading axes."""
+    stats = np.asarray(stats, dtype=np.float64)
+    sys_len, ref_len, correct, total = stats[..., 0], stats[..., 1], stats[..., 2:6], stats[..., 6:10]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        brevity = np.where(sys_len < ref_len, np.exp(1 - ref_len / np.where(sys_len > 0, sys_len, 1)), 1.0)
+        brevity = np.where((sys_len < ref_len) & (sys_len <= 0), 0.0, brevity)
+        # A zero match count at order n gets 100 / (2^k · total), k counting the zero orders so far (mteval's rule).
+        halvings = np.cumsum(correct == 0, axis=-1)
+        precision = np.where(correct > 0, 100 * correct / total, 100 / (2.0**halvings * total))
+        log_mean = np.log(precision).mean(axis=-1)
+    # No n-gram of some order at all (a precision of 0 to sacrebleu), or no match of any order: BLEU is 0.
+    zero = (total <= 0).any(axis=-1) | (correct <= 0).all(axis=-1)
+    return np.where(zero, 0.0, brevity * np.exp(np.where(zero, 0.0, log_mean)))
+
+
+def _bleu(outputs: np.ndarray, labels: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """`outputs` (n, 10): each example's BLEU statistics (`tasks.text_metrics.bleu_statistics`); a resample's BLEU is
+    that of their sum."""
+    return bleu_from_statistics(outputs[index].sum(axis=1))
+
+
 MetricOnResamples = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 EXAMPLE_METRICS: dict[str, MetricOnResamples] = {
     "accuracy": _accuracy,
@@ -123,6 +152,8 @@ EXAMPLE_METRICS: dict[str, MetricOnResamples] = {
     "mcc": _mcc,
     "pearson": _pearson,
     "spearman": _spearman,
+    "exact_match": _mean_output,
+    "bleu": _bleu,
 }
 """Primary metrics that can be recomputed from per-example outputs, by name."""
 

@@ -60,6 +60,10 @@ class Evaluation:
     """What the evaluation cost: `eval_s`, and for generation `generated_tokens`, `tokens_per_s`."""
     details: dict[str, Any] = field(default_factory=dict)
     """Anything else the record should keep: which answer-extraction rule matched how often, sample outputs."""
+    examples: dict[str, list] = field(default_factory=dict)
+    """Per evaluated example, `outputs` and `labels` from which the primary metric can be recomputed on any subset
+    (`RunRecord.eval_examples`: a report bootstraps the metric over them); empty when the metric is not made that
+    way."""
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,11 @@ class CausalLMTask(Task):
         """Metrics of generated `predictions` against `rows` (columns `references`, ...), and details to record."""
         raise NotImplementedError
 
+    def example_scores(self, predictions: list[str], rows: Rows) -> dict[str, list]:
+        """Per example, `outputs` and `labels` from which `score`'s primary metric can be recomputed on any subset of
+        the examples (`Evaluation.examples`); empty when it cannot."""
+        return {}
+
     # --- data ------------------------------------------------------------------------------------------------------
     def splits(self, tokenizer: Any, task_cfg: Any, cache_dir: Path, data_dir: Path | None) -> tuple[Rows, Rows]:
         train, validation, _ = self._carve(tokenizer, task_cfg, cache_dir, data_dir)
@@ -278,7 +283,7 @@ class CausalLMTask(Task):
                 for p, o, r in list(zip(columns["prompt_ids"], out.texts, columns["references"], strict=True))[:3]
             ]
             cost = {"generated_tokens": float(sum(out.tokens)), "tokens_per_s": out.tokens_per_s}
-            return Evaluation(metrics, cost=cost, details=details)
+            return Evaluation(metrics, cost=cost, details=details, examples=self.example_scores(out.texts, rows))
         if self.evaluation == "options":
             scores = option_logliks(
                 model, tokenizer.pad_token_id, columns["prompt_ids"], columns["option_ids"], batch_size
@@ -287,7 +292,9 @@ class CausalLMTask(Task):
             answers = columns["answer"]
             accuracy = sum(p == a for p, a in zip(picks, answers, strict=True)) / len(answers)
             majority = max(answers.count(a) for a in set(answers)) / len(answers)
-            return Evaluation({"accuracy": accuracy}, chance={"accuracy": majority})
+            return Evaluation(
+                {"accuracy": accuracy}, chance={"accuracy": majority}, examples={"outputs": picks, "labels": answers}
+            )
         total, count = token_nll(model, tokenizer.pad_token_id, columns["input_ids"], columns["labels"], batch_size)
         loss = total / max(count, 1)
         return Evaluation({"loss": loss, "perplexity": math.exp(min(loss, 50.0))})

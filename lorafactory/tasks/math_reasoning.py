@@ -17,7 +17,7 @@ from typing import Any
 from lorafactory.tasks import TASKS
 from lorafactory.tasks.causal import CausalLMTask
 from lorafactory.tasks.data import Rows
-from lorafactory.tasks.text_metrics import exact_match
+from lorafactory.tasks.text_metrics import as_number, exact_match, extract_answer, same_number
 
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 
@@ -35,6 +35,13 @@ class GSM8KTask(CausalLMTask):
     def score(self, predictions: list[str], rows: Rows) -> tuple[dict[str, float], dict[str, Any]]:
         accuracy, rules = exact_match(predictions, [refs[0] for refs in rows.columns["references"]])
         return {"exact_match": accuracy}, {"answer_rules": rules}
+
+    def example_scores(self, predictions: list[str], rows: Rows) -> dict[str, list]:
+        # Outputs: 1 for a correct final number, else 0 (exact match is their mean); labels: the reference answers,
+        # as numbers, so that a report can tell two runs evaluated on different questions apart.
+        answers = [refs[0] for refs in rows.columns["references"]]
+        correct = [float(same_number(extract_answer(p)[0], a)) for p, a in zip(predictions, answers, strict=True)]
+        return {"outputs": correct, "labels": [float(as_number(a) or 0) for a in answers]}
 
 
 TASKS.register("math/gsm8k")(

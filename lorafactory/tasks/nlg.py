@@ -11,12 +11,13 @@ on a tenth of that data, so its BLEU is not comparable (the records say so).
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 from lorafactory.tasks import TASKS
 from lorafactory.tasks.causal import CausalLMTask
 from lorafactory.tasks.data import Rows
-from lorafactory.tasks.text_metrics import bleu, rouge_l
+from lorafactory.tasks.text_metrics import bleu, bleu_statistics, rouge_l
 
 
 class E2ETask(CausalLMTask):
@@ -30,6 +31,13 @@ class E2ETask(CausalLMTask):
     def score(self, predictions: list[str], rows: Rows) -> tuple[dict[str, float], dict[str, Any]]:
         references = rows.columns["references"]
         return {"bleu": bleu(predictions, references), "rouge_l": rouge_l(predictions, references)}, {}
+
+    def example_scores(self, predictions: list[str], rows: Rows) -> dict[str, list]:
+        # Outputs: BLEU's sufficient statistics per meaning representation (the BLEU of any subset is that of their
+        # sum); labels: a checksum of its references, so that a report can tell different evaluation sets apart.
+        references = rows.columns["references"]
+        labels = [zlib.crc32("\n".join(refs).encode()) for refs in references]
+        return {"outputs": bleu_statistics(predictions, references), "labels": labels}
 
 
 TASKS.register("nlg/e2e")(

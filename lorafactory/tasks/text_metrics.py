@@ -22,10 +22,33 @@ def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> flo
 
     if not predictions:
         return 0.0
+    return float(sacrebleu.corpus_bleu(list(predictions), _streams(references), lowercase=True).score)
+
+
+BLEU_STATISTICS = ("hyp_len", "ref_len", "correct_1", "correct_2", "correct_3", "correct_4") + tuple(
+    f"total_{n}" for n in range(1, 5)
+)
+"""The columns of `bleu_statistics`, in sacrebleu's order."""
+
+
+def bleu_statistics(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[list[int]]:
+    """Per example, the sufficient statistics of corpus BLEU (`BLEU_STATISTICS`: hypothesis and closest reference
+    length, matched and total n-grams for n = 1..4), as `bleu` counts them. Corpus BLEU is a function of their sum, so
+    summing any subset's rows gives that subset's BLEU: what a bootstrap over examples needs
+    (`results.significance.bleu_from_statistics`)."""
+    from sacrebleu.metrics import BLEU
+
+    if not predictions:
+        return []
+    # sacrebleu has no public per-segment statistics; `corpus_bleu` sums these very rows (a test checks the sums).
+    rows = BLEU(lowercase=True)._extract_corpus_statistics(list(predictions), _streams(references))
+    return [[int(v) for v in row] for row in rows]
+
+
+def _streams(references: Sequence[Sequence[str]]) -> list[list[str | None]]:
+    """sacrebleu takes reference *streams*; a missing reference is None (ignored), not "" (which would count)."""
     most = max(len(r) for r in references)
-    # sacrebleu takes reference *streams*; a missing reference is None (ignored), not "" (which would count).
-    streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(most)]
-    return float(sacrebleu.corpus_bleu(list(predictions), streams, lowercase=True).score)
+    return [[refs[i] if i < len(refs) else None for refs in references] for i in range(most)]
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
