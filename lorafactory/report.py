@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         "critical-difference diagram), learning-rate windows, and the cross-family taxonomy table\n"
         "(crossfamily.md/.csv/.tex). Nothing is trained.",
         epilog="examples:\n  python -m lorafactory.report runs/glue --out reports/glue\n"
-        "  python -m lorafactory.report runs/glue --metric best\n  python -m lorafactory.report runs/glue --status",
+        "  python -m lorafactory.report runs/glue --metric best\n  python -m lorafactory.report runs/glue --status\n"
+        "  python -m lorafactory.report runs/glue --out reports/glue --records   # keep the records with the report\n"
+        "  cp -r reports/glue/records/. runs/                                     # ... and resume the sweep later",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("runs", type=Path, help="a sweep folder (runs/<name>) or any folder above run folders")
@@ -50,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(METRICS),
         default="final",
         help="score runs by the metric at the end of training (final, the default) or at their best evaluation (best)",
+    )
+    parser.add_argument(
+        "--records",
+        action="store_true",
+        help="also copy every run's result.json into <out>/records/<runs folder name>/, in the runs' layout: the "
+        "report can be rebuilt from them, and copied back into runs/ a sweep skips the runs they hold",
     )
     parser.add_argument(
         "--status",
@@ -75,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         board = aggregate(runs, args.metric)
         study = build_study(board, runs)
         written = write_report(board, runs, sweep_status(args.runs), out, study)
+        if args.records:
+            written.append(keep_records(args.runs, out / "records" / args.runs.resolve().name))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -110,6 +121,22 @@ def write_report(
     except OSError as err:
         raise UserError(f"cannot write the report to {out}: {err}") from err
     return [out / name for name in pages] + [plot.path for plot in plots + figures]
+
+
+def keep_records(runs: Path, into: Path) -> Path:
+    """Copy every `result.json` under `runs` to the same place under `into` (records only: no checkpoints, adapters or
+    logs); records there that `runs` no longer has are left alone. Returns `into`."""
+    source, into = runs.resolve(), into.resolve()
+    if source == into:  # the report is being rebuilt from its own records
+        return into
+    try:
+        for record in sorted(source.rglob(RECORD_NAME)):
+            target = into / record.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(record, target)
+    except OSError as err:
+        raise UserError(f"cannot copy the run records to {into}: {err}") from err
+    return into
 
 
 if __name__ == "__main__":

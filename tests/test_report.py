@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -12,9 +13,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lorafactory.config import run_id
+from lorafactory.config import run_id, run_state
 from lorafactory.report import main
 from lorafactory.results import RunRecord, write_record
+from lorafactory.results.record import read_record
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -181,6 +183,29 @@ def test_cli_writes_every_file_with_the_right_numbers(sweep: Path, tmp_path: Pat
     assert "toy/acc" in done.stdout and "1. dora" in done.stdout and "0.940 ± 0.014 (n=2)" in done.stdout
     assert "26 records: 24 ok, 1 failed, 1 diverged; 1 unreadable file skipped" in done.stdout
     assert str(out) in done.stdout
+
+
+def test_records_kept_with_the_report_rebuild_it_and_restore_a_sweep(sweep: Path, tmp_path: Path) -> None:
+    """`--records` copies the result.json files, in the runs' layout, beside the report: the report made from that copy
+    is the same, and copied back into runs/ the records are where a relaunched sweep looks for finished runs."""
+    out = tmp_path / "reports" / "study"
+    assert run_report(sweep, "--out", out, "--records", cwd=tmp_path).returncode == 0
+    kept = out / "records" / sweep.name
+    originals = sorted(p.relative_to(sweep) for p in sweep.rglob("result.json"))
+    assert sorted(p.relative_to(kept) for p in kept.rglob("*") if p.is_file()) == originals  # records, nothing else
+    assert all((kept / p).read_bytes() == (sweep / p).read_bytes() for p in originals)
+
+    rebuilt = tmp_path / "rebuilt"
+    assert run_report(kept, "--out", rebuilt, cwd=tmp_path).returncode == 0
+    assert (rebuilt / "leaderboard.csv").read_text() == (out / "leaderboard.csv").read_text()
+    assert run_report(kept, "--out", out, "--records", cwd=tmp_path).returncode == 0  # from its own records: a no-op
+
+    restored = tmp_path / "later" / "runs"
+    shutil.copytree(out / "records", restored)
+    ok = [p for p in originals if '"status": "ok"' in (sweep / p).read_text()]
+    for path in ok:  # the same folder, the same record: run_state finds the run done
+        record = read_record(restored / sweep.name / path)
+        assert run_state((restored / sweep.name / path).parent, OmegaConf.create(record.config))[0] == "done"
 
 
 def test_index_html_is_self_contained(sweep: Path, tmp_path: Path) -> None:
