@@ -168,6 +168,8 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "task.eval_untuned": boolean,
     "task.forgetting_samples": integer(0),
     "task.length_buckets": integer(1, optional=True),
+    "task.answers": one_of("label", "text"),
+    "task.option_norm": one_of("none", "chars"),
     "task.eval_every_n_steps": integer(1, optional=True),
     "optim.lr": number(0, above=True),
     "optim.lr_scale": number(0, above=True),

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import data_dir, tiny_cfg
 from omegaconf import OmegaConf
 
 from lorafactory.config import CONF_DIR, check_overrides
@@ -21,6 +22,7 @@ from lorafactory.models import build_model, unfreeze
 from lorafactory.results.significance import EXAMPLE_METRICS, example_metric
 from lorafactory.tasks import TASKS, Evaluation
 from lorafactory.tasks.causal import CausalCollator
+from lorafactory.tasks.data import Rows
 from lorafactory.tasks.generation import greedy_generate, option_logliks, token_nll
 from lorafactory.tasks.text_metrics import ANSWER_RULES, bleu, exact_match, extract_answer, rouge_l, same_number
 from lorafactory.training.data import EpochSampler
@@ -280,8 +282,6 @@ def test_option_scoring_matches_per_sequence_likelihoods_and_picks_the_argmax():
                 assert value == pytest.approx(expected, abs=1e-4)
     # The task predicts the option with the highest likelihood: with the answer set to it, accuracy is 1.
     task = TASKS.get("commonsense/boolq")
-    from lorafactory.tasks.data import Rows
-
     best = [max(range(len(s)), key=s.__getitem__) for s in scores]
     rows = Rows(
         {
@@ -297,6 +297,87 @@ def test_option_scoring_matches_per_sequence_likelihoods_and_picks_the_argmax():
     assert result.metrics == {"accuracy": 1.0}
     rows.columns["answer"] = [(b + 1) % len(o) for b, o in zip(best, options, strict=True)]
     assert task._measure(model, loaded.tokenizer, rows, task_cfg("commonsense/boolq")).metrics == {"accuracy": 0.0}
+
+
+ARC_LIKE = {  # LLM-Adapters' ARC layout; the second question mentions "Answer" outside the option labels
+    "instruction": [
+        "Please choose the correct answer to the question: Which gas do plants take in?\n\nAnswer1: oxygen "
+        "Answer2: carbon dioxide Answer3: helium\n\nAnswer format: answer1/answer2/answer3",
+        "Please choose the correct answer to the question: Answer this: 2 + 2?\n\nAnswer1: four Answer2: the "
+        "Answer is five\n\nAnswer format: answer1/answer2",
+        "Please answer the following question with true or false, question: is ice cold?\n\nAnswer format: true/false",
+    ],
+    "input": ["", "", ""],
+    "output": ["the correct answer is answer2", "the correct answer is answer1", "the correct answer is true"],
+    "answer": ["answer2", "answer1", "true"],
+}
+
+
+@pytest.mark.parametrize("answers", ["label", "text"])
+def test_commonsense_responses_name_the_label_or_the_options_text(answers):
+    examples = TASKS.get("commonsense/arc_easy").examples(ARC_LIKE, task_cfg("commonsense/arc_easy", answers=answers))
+    prefix = "the correct answer is "
+    if answers == "label":  # LLM-Adapters' own responses
+        assert [ex["targets"] for ex in examples] == [[o] for o in ARC_LIKE["output"]]
+        assert examples[0]["options"] == [prefix + f"answer{k}" for k in (1, 2, 3)]
+    else:
+        targets = [[prefix + "carbon dioxide"], [prefix + "four"], [prefix + "true"]]
+        assert [ex["targets"] for ex in examples] == targets
+        assert examples[0]["options"] == [prefix + t for t in ("oxygen", "carbon dioxide", "helium")]
+        assert examples[1]["options"] == [prefix + "four", prefix + "the Answer is five"]
+    assert examples[2]["options"] == [prefix + "true", prefix + "false"]  # BoolQ's options are text either way
+    assert [ex["answer"] for ex in examples] == [1, 0, 0] and [ex["references"] for ex in examples] == [
+        ["answer2"],
+        ["answer1"],
+        ["true"],
+    ]
+
+
+@pytest.mark.skipif(data_dir() is None, reason="needs the LLM-Adapters mirror (LORAFACTORY_DATA_DIR)")
+@pytest.mark.parametrize("folder", ["ARC-Easy", "ARC-Challenge", "openbookqa"])
+def test_every_question_of_the_mirror_lists_the_options_its_answer_format_names(folder):
+    for split in ("train", "test"):
+        raw = json.loads((data_dir() / "llm-adapters" / folder / f"{split}.json").read_text())
+        columns = {k: [row[k] for row in raw] for k in ("instruction", "input", "output", "answer")}
+        examples = TASKS.get("commonsense/arc_easy").examples(columns, task_cfg("commonsense/arc_easy"))
+        assert len(examples) == len(raw)
+        for ex in examples:  # each option is its text, the target the right one's
+            assert ex["targets"] == [ex["options"][ex["answer"]]] and len(ex["options"]) >= 2
+            assert not any(re.fullmatch(r"the correct answer is answer\d", o) for o in ex["options"])
+
+
+def test_per_character_option_scores_are_the_harness_acc_norm():
+    """option_norm=chars picks the option with the best log-likelihood per character of its text, which is not
+    always the best summed log-likelihood (that favours short options)."""
+    loaded = causal()
+    model, tokenizer = loaded.module, loaded.tokenizer
+    g = torch.Generator().manual_seed(7)
+    contexts = random_prompts(24, seed=5)
+    options = [
+        [torch.randint(1000, 5000, (int(n),), generator=g).tolist() for n in torch.randint(1, 6, (3,), generator=g)]
+        for _ in contexts
+    ]
+    summed = option_logliks(model, tokenizer.pad_token_id, contexts, options, batch_size=8)
+    per_char = [
+        [s / len(tokenizer.decode(o)) for s, o in zip(row, opts, strict=True)]
+        for row, opts in zip(summed, options, strict=True)
+    ]
+    picks = [max(range(3), key=row.__getitem__) for row in per_char]
+    assert picks != [max(range(3), key=row.__getitem__) for row in summed]  # the two rules disagree somewhere
+    rows = Rows(
+        {
+            "input_ids": contexts,
+            "labels": contexts,
+            "prompt_ids": contexts,
+            "references": [[]] * len(contexts),
+            "option_ids": options,
+            "answer": picks,
+        }
+    )
+    task = TASKS.get("commonsense/arc_easy")
+    assert task._measure(model, tokenizer, rows, task_cfg("commonsense/arc_easy")).metrics == {"accuracy": 1.0}
+    plain = task._measure(model, tokenizer, rows, task_cfg("commonsense/arc_easy", option_norm="none"))
+    assert plain.metrics["accuracy"] < 1.0
 
 
 def test_token_nll_is_the_summed_cross_entropy_of_predicted_tokens():

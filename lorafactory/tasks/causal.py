@@ -88,8 +88,8 @@ class CausalLMTask(Task):
         return self.data_note
 
     # --- what a family provides ------------------------------------------------------------------------------------
-    def examples(self, raw: dict[str, list[Any]]) -> list[dict[str, Any]]:
-        """The split's examples (see the module docstring) from its columns."""
+    def examples(self, raw: dict[str, list[Any]], task_cfg: Any) -> list[dict[str, Any]]:
+        """The split's examples (see the module docstring) from its columns, as the task's config shapes them."""
         raise NotImplementedError
 
     def score(self, predictions: list[str], rows: Rows) -> tuple[dict[str, float], dict[str, Any]]:
@@ -178,7 +178,7 @@ class CausalLMTask(Task):
         the templates, the tokenizer and the data files."""
         import datasets
 
-        templates = {k: task_cfg.get(k) for k in ("prompt", "prompt_no_input", "response")}
+        templates = {k: task_cfg.get(k) for k in ("prompt", "prompt_no_input", "response", "answers")}
         spec = {
             "v": CACHE_VERSION,
             "task": self.name,
@@ -191,7 +191,7 @@ class CausalLMTask(Task):
         path = cache_dir / "tokenized" / self.name.replace("/", "__") / f"{split}-{key}"
         if path.is_dir():
             return datasets.load_from_disk(str(path)).to_list()
-        examples = self.examples(self._raw(split, data_dir))
+        examples = self.examples(self._raw(split, data_dir), task_cfg)
         encoded = self._tokenise(examples, tokenizer, task_cfg)
         dataset = datasets.Dataset.from_list(encoded)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -288,6 +288,11 @@ class CausalLMTask(Task):
             scores = option_logliks(
                 model, tokenizer.pad_token_id, columns["prompt_ids"], columns["option_ids"], batch_size
             )
+            if task_cfg.get("option_norm") == "chars":  # lm-evaluation-harness's acc_norm: per character of option
+                scores = [
+                    [s / max(len(tokenizer.decode(o)), 1) for s, o in zip(row, opts, strict=True)]
+                    for row, opts in zip(scores, columns["option_ids"], strict=True)
+                ]
             picks = [max(range(len(s)), key=s.__getitem__) for s in scores]
             answers = columns["answer"]
             accuracy = sum(p == a for p, a in zip(picks, answers, strict=True)) / len(answers)

@@ -12,7 +12,7 @@ from lorafactory.tasks.causal import CausalLMTask
 
 
 class AlpacaTask(CausalLMTask):
-    def examples(self, raw: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    def examples(self, raw: dict[str, list[Any]], task_cfg: Any) -> list[dict[str, Any]]:
         return [
             {"fields": {"instruction": ins, "input": inp}, "targets": [out], "references": [out]}
             for ins, inp, out in zip(raw["instruction"], raw["input"], raw["output"], strict=True)

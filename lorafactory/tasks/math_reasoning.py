@@ -23,7 +23,7 @@ _CALCULATOR = re.compile(r"<<[^<>]*>>")
 
 
 class GSM8KTask(CausalLMTask):
-    def examples(self, raw: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    def examples(self, raw: dict[str, list[Any]], task_cfg: Any) -> list[dict[str, Any]]:
         out = []
         for question, answer in zip(raw["question"], raw["answer"], strict=True):
             final = answer.rsplit("####", 1)[1].strip()

@@ -21,7 +21,7 @@ from lorafactory.tasks.text_metrics import bleu, bleu_statistics, rouge_l
 
 
 class E2ETask(CausalLMTask):
-    def examples(self, raw: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    def examples(self, raw: dict[str, list[Any]], task_cfg: Any) -> list[dict[str, Any]]:
         # One example per meaning representation, with all its references (first-seen order: the same every time).
         groups: dict[str, list[str]] = {}
         for mr, ref in zip(raw["meaning_representation"], raw["human_reference"], strict=True):
