@@ -12,9 +12,11 @@ answer.
 train LLaMA-7B on their data), `text` the option itself (`the correct answer is roots may be split`), what
 lm-evaluation-harness scores for ARC and OpenBookQA. A label asks the model to point at an option it read in the
 prompt, which a 135M model does not learn in a short run: at the default budget SmolLM2-135M stayed at chance on
-ARC-Easy with labels (0.232 untuned → 0.240 tuned, 4 options), while the option's text carries what the model knows.
-So ARC and OpenBookQA default to `text`, scored per character (`task.option_norm=chars`, the harness's `acc_norm`: a
-sum of log-probabilities favours short options). BoolQ's options, `true` and `false`, are text either way.
+ARC-Easy with labels (0.232 untuned → 0.240 tuned, 4 options, majority 0.276), and moved with the option's text
+(0.266 → 0.410, 500 test questions). So ARC and OpenBookQA default to `text`, scored per character
+(`task.option_norm=chars`, the harness's `acc_norm`: a sum of log-probabilities favours short options). BoolQ's
+options, `true` and `false`, are text either way. Every option is listed in the prompt, so the untuned model's text
+likelihoods favour none of them much: its score sits near chance in both formats.
 """
 
 from __future__ import annotations
