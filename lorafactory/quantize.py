@@ -166,8 +166,29 @@ class NF4Weight(nn.Module):
     def forward(self, packed: Tensor) -> Tensor:
         import bitsandbytes.functional as bnbf
 
+        columns = int(torch.Size(self.shape[1:]).numel())
+        if packed.device.type == "cpu" and columns % self.block_size:
+            # bitsandbytes 0.50's CPU kernel misplaces block scales when rows are not whole blocks on some CPUs
+            # (AVX512-BF16): dequantize these by the codebook lookup its own quantization defines.
+            return self._lookup(packed).view(self.shape).to(self.dtype_ref.dtype)
         # Always ask for float32: bitsandbytes' CPU kernel leaves other dtypes (float64) unwritten.
         return bnbf.dequantize_4bit(packed, self.state()).view(self.shape).to(self.dtype_ref.dtype)
+
+    def _lookup(self, packed: Tensor) -> Tensor:
+        """code[nibble] × its block's scale, two nibbles per byte, high first (bitsandbytes' layout), in float32."""
+        import bitsandbytes.functional as bnbf
+
+        n = int(torch.Size(self.shape).numel())
+        flat = packed.reshape(-1)
+        nibbles = torch.stack((flat >> 4, flat & 0xF), dim=1).reshape(-1)[:n].long()
+        code = bnbf.get_4bit_type("nf4", device=packed.device).float()
+        if self.double_quant:
+            nested = self.nested_absmax.view(torch.float32).repeat_interleave(NESTED_BLOCK)[: self.absmax.numel()]
+            scales = _nested_code().to(packed.device)[self.absmax.long()] * nested
+            scales = scales + self.nested_offset.view(torch.float32)[0]
+        else:
+            scales = self.absmax.view(torch.float32)
+        return code[nibbles] * scales.repeat_interleave(self.block_size)[:n]
 
     def extra_repr(self) -> str:
         return f"nf4, shape={self.shape}, block_size={self.block_size}, double_quant={self.double_quant}"
