@@ -5,10 +5,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["Adapted", "adapt"]
+
+# On AVX512-BF16 CPUs bitsandbytes warns at import that an optional accelerated kernel package (`kernels`) is missing;
+# nothing here uses that kernel, and the line would be the only stderr of a user-error exit.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def __getattr__(name: str) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import BNB_PARTIAL_ROWS
 
 from lorafactory import quantize
 from lorafactory.variants import build_variant
@@ -49,6 +50,7 @@ def test_the_layer_starts_at_q_plus_the_low_rank_fit_whatever_alpha_is(alpha):
     torch.testing.assert_close(model(x), x @ effective.t() + layer.bias, atol=1e-5, rtol=1e-5)
 
 
+@BNB_PARTIAL_ROWS
 def test_loftq_init_matches_peft_loftq_init_run_on_cpu(monkeypatch):
     """PEFT's `loftq_init` moves the weight to "cuda" or "xpu"; pointing "xpu" at the CPU runs its own code here. Its
     LoftQ quantizes without double quantization and sets A = R, B = L, the base to Q: so do we (alpha = r)."""
