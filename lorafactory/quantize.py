@@ -111,6 +111,13 @@ def _nested_code() -> Tensor:
     return bnbf.create_dynamic_map()  # the signed 8-bit dynamic code bitsandbytes quantizes block scales with
 
 
+@functools.cache
+def _nf4_code() -> Tensor:
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.get_4bit_type("nf4", device="cpu").float()  # the 16 NF4 values, as bitsandbytes quantizes to them
+
+
 def _bits(t: Tensor) -> Tensor:
     return t.float().contiguous().view(torch.int32)
 
@@ -176,12 +183,10 @@ class NF4Weight(nn.Module):
 
     def _lookup(self, packed: Tensor) -> Tensor:
         """code[nibble] × its block's scale, two nibbles per byte, high first (bitsandbytes' layout), in float32."""
-        import bitsandbytes.functional as bnbf
-
         n = int(torch.Size(self.shape).numel())
         flat = packed.reshape(-1)
         nibbles = torch.stack((flat >> 4, flat & 0xF), dim=1).reshape(-1)[:n].long()
-        code = bnbf.get_4bit_type("nf4", device=packed.device).float()
+        code = _nf4_code().to(packed.device)
         if self.double_quant:
             nested = self.nested_absmax.view(torch.float32).repeat_interleave(NESTED_BLOCK)[: self.absmax.numel()]
             scales = _nested_code().to(packed.device)[self.absmax.long()] * nested

@@ -288,7 +288,9 @@ class CausalLMTask(Task):
             scores = option_logliks(
                 model, tokenizer.pad_token_id, columns["prompt_ids"], columns["option_ids"], batch_size
             )
-            if task_cfg.get("option_norm") == "chars":  # lm-evaluation-harness's acc_norm: per character of option
+            # Per character of the scored response, as lm-evaluation-harness's acc_norm divides by the continuation's
+            # length (here the whole response, its shared "the correct answer is " included).
+            if task_cfg.get("option_norm") == "chars":
                 scores = [
                     [s / max(len(tokenizer.decode(o)), 1) for s, o in zip(row, opts, strict=True)]
                     for row, opts in zip(scores, columns["option_ids"], strict=True)

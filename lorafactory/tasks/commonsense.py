@@ -14,7 +14,8 @@ lm-evaluation-harness scores for ARC and OpenBookQA. A label asks the model to p
 prompt, which a 135M model does not learn in a short run: at the default budget SmolLM2-135M stayed at chance on
 ARC-Easy with labels (0.232 untuned → 0.240 tuned, 4 options, majority 0.276), and moved with the option's text
 (0.266 → 0.410, 500 test questions). So ARC and OpenBookQA default to `text`, scored per character
-(`task.option_norm=chars`, the harness's `acc_norm`: a sum of log-probabilities favours short options). BoolQ's
+of the response (`task.option_norm=chars`, as the harness's `acc_norm` divides by the continuation's length; the
+response's shared `the correct answer is ` counts too): a sum of log-probabilities favours short options. BoolQ's
 options, `true` and `false`, are text either way. Every option is listed in the prompt, so the untuned model's text
 likelihoods favour none of them much: its score sits near chance in both formats.
 """

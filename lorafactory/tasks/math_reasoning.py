@@ -17,7 +17,7 @@ from typing import Any
 from lorafactory.tasks import TASKS
 from lorafactory.tasks.causal import CausalLMTask
 from lorafactory.tasks.data import Rows
-from lorafactory.tasks.text_metrics import as_number, exact_match, extract_answer, same_number
+from lorafactory.tasks.text_metrics import answer_matches, as_number, exact_match
 
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 
@@ -40,8 +40,8 @@ class GSM8KTask(CausalLMTask):
         # Outputs: 1 for a correct final number, else 0 (exact match is their mean); labels: the reference answers,
         # as numbers, so that a report can tell two runs evaluated on different questions apart.
         answers = [refs[0] for refs in rows.columns["references"]]
-        correct = [float(same_number(extract_answer(p)[0], a)) for p, a in zip(predictions, answers, strict=True)]
-        return {"outputs": correct, "labels": [float(as_number(a) or 0) for a in answers]}
+        matches, _ = answer_matches(predictions, answers)
+        return {"outputs": [float(m) for m in matches], "labels": [float(as_number(a) or 0) for a in answers]}
 
 
 TASKS.register("math/gsm8k")(

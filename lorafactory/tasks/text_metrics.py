@@ -25,16 +25,10 @@ def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> flo
     return float(sacrebleu.corpus_bleu(list(predictions), _streams(references), lowercase=True).score)
 
 
-BLEU_STATISTICS = ("hyp_len", "ref_len", "correct_1", "correct_2", "correct_3", "correct_4") + tuple(
-    f"total_{n}" for n in range(1, 5)
-)
-"""The columns of `bleu_statistics`, in sacrebleu's order."""
-
-
 def bleu_statistics(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[list[int]]:
-    """Per example, the sufficient statistics of corpus BLEU (`BLEU_STATISTICS`: hypothesis and closest reference
-    length, matched and total n-grams for n = 1..4), as `bleu` counts them. Corpus BLEU is a function of their sum, so
-    summing any subset's rows gives that subset's BLEU: what a bootstrap over examples needs
+    """Per example, the sufficient statistics of corpus BLEU, in sacrebleu's order: hypothesis and closest reference
+    length, matched n-grams for n = 1..4, total n-grams for n = 1..4, as `bleu` counts them. Corpus BLEU is a
+    function of their sum, so summing any subset's rows gives that subset's BLEU: what a bootstrap over examples needs
     (`results.significance.bleu_from_statistics`)."""
     from sacrebleu.metrics import BLEU
 
@@ -119,16 +113,23 @@ def same_number(predicted: str | None, gold: str) -> bool:
     return a is not None and b is not None and a == b
 
 
-def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> tuple[float, dict[str, int]]:
-    """Share (0–1) of predictions whose extracted final number equals the answer, and how often each extraction rule
-    was the one that applied."""
+def answer_matches(predictions: Sequence[str], answers: Sequence[str]) -> tuple[list[bool], dict[str, int]]:
+    """Per prediction, whether its extracted final number equals the answer, and how often each extraction rule was
+    the one that applied."""
     rules: Counter[str] = Counter({rule: 0 for rule in ANSWER_RULES})
-    correct = 0
+    matches = []
     for prediction, answer in zip(predictions, answers, strict=True):
         found, rule = extract_answer(prediction)
         rules[rule] += 1
-        correct += same_number(found, answer)
-    return (correct / len(predictions) if predictions else 0.0), dict(rules)
+        matches.append(same_number(found, answer))
+    return matches, dict(rules)
+
+
+def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> tuple[float, dict[str, int]]:
+    """Share (0–1) of predictions whose extracted final number equals the answer, and the rule counts
+    (`answer_matches`)."""
+    matches, rules = answer_matches(predictions, answers)
+    return (sum(matches) / len(matches) if matches else 0.0), rules
 
 
 def _last_boxed(text: str) -> str | None:
